@@ -85,9 +85,11 @@ def _prepare(name: str, A: Sequence[ArrayLike], B: Sequence[ArrayLike], w: np.nd
     for j in range(K):
         a, b = A[j], B[j]
         for x, nm in ((a, "A"), (b, "B")):
-            if not hasattr(x, "shape") or len(x.shape) != 2:
+            if not isinstance(x, np.ndarray):
+                kernel_view(x, f"{where}adapter {j}: {nm}")  # raises with what to pass
+            if x.ndim != 2:
                 raise ValueError(f"{where}adapter {j}: {nm} must be a 2-D array, got "
-                                 f"{getattr(x, 'shape', type(x).__name__)}")
+                                 f"shape {x.shape}")
         if a.shape[0] != b.shape[1]:
             raise ValueError(f"{where}adapter {j}: A has rank {a.shape[0]} (shape {a.shape}) but B "
                              f"has rank {b.shape[1]} (shape {b.shape}); A is [r, in], B is [out, r]")
@@ -175,9 +177,17 @@ def _core_svd(GA: np.ndarray, GB: np.ndarray, rank: int):
     U, S, Vt = np.linalg.svd(core)
     PB = np.swapaxes(RA, -1, -2) @ np.swapaxes(Vt[..., :rank, :], -1, -2)
     Sr = S[..., :rank]
-    # Directions with no energy (rank larger than the numerical rank) get zero factors.
-    tiny = Sr <= S[..., :1] * (np.finfo(np.float64).eps * core.shape[-1])
+    # Directions below the noise floor get zero factors: relative to the largest singular value
+    # (float64 eigen/SVD accuracy) or to sqrt(tr G_A tr G_B) >= ||dW||_F, the scale of the
+    # float32 products the update is made of (float32 accuracy). This keeps A_new bounded when
+    # the requested rank exceeds the numerical rank, e.g. when weights cancel exactly.
+    R = core.shape[-1]
+    scale = np.sqrt(np.trace(GA, axis1=-2, axis2=-1) * np.trace(GB, axis1=-2, axis2=-1))
+    floor = np.maximum(S[..., :1] * (np.finfo(np.float64).eps * R),
+                       scale[..., None] * np.finfo(np.float32).eps)
+    tiny = Sr <= floor
     inv = np.where(tiny, 0.0, 1.0 / np.where(tiny, 1.0, Sr))
+    PB = PB * np.where(tiny, 0.0, 1.0)[..., None, :]
     QA = inv[..., :, None] * (np.swapaxes(U[..., :, :rank], -1, -2) @ RB)
     return PB, QA, S
 

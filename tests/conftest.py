@@ -1,0 +1,35 @@
+"""Shared fixtures: every dispatch level this machine has, and the input dtypes."""
+
+from __future__ import annotations
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+import metalora
+
+LEVELS = metalora.capabilities()["available"]
+DTYPES = ["float32", "float16", "bfloat16", "bfloat16-bits"]
+EPS32 = float(np.finfo(np.float32).eps)
+
+
+@pytest.fixture(params=LEVELS)
+def isa(request):
+    """Run the test once per available instruction-set level."""
+    with metalora.use_isa(request.param):
+        yield request.param
+
+
+def make(rng: np.random.Generator, shape, dtype: str) -> tuple[np.ndarray, np.ndarray]:
+    """A random array in the given input dtype and its exact float64 value."""
+    x = rng.standard_normal(shape).astype(np.float32)
+    if dtype == "float32":
+        arr = x
+    elif dtype == "float16":
+        arr = x.astype(np.float16)
+    else:
+        arr = x.astype(ml_dtypes.bfloat16)
+        if dtype == "bfloat16-bits":
+            arr = arr.view(np.uint16)
+    exact = arr.view(ml_dtypes.bfloat16) if dtype == "bfloat16-bits" else arr
+    return arr, exact.astype(np.float64)
