@@ -41,30 +41,34 @@ inline void store_tail(float* out, typename V::F v, size_t t) {
   for (size_t k = 0; k < t; ++k) out[k] = buf[k];
 }
 
-// out[0:n] = c * x (first) or out[0:n] = c * x + out[0:n] (later terms).
-template <class V, DType D, bool First>
-inline void axpy(const void* x, float c, size_t n, float* out) {
+// out[0:n] = sum_q c[q] * x_q + (First ? 0 : out[0:n]) for Q <= 4 sources, evaluated as the
+// chain fma(c[Q-1], x_{Q-1}, ... fma(c[0], x_0, out)): the same bits as Q single-source
+// passes, but one read-modify-write of `out` per Q sources and Q concurrent input streams.
+template <class V, DType D, bool First, int Q>
+inline typename V::F axpy_chain(const void* const* x, const typename V::F* c, size_t i,
+                                typename V::F acc) {
+  for (int q = 0; q < Q; ++q) acc = V::fma(c[q], load_as_f32<V, D>(x[q], i), acc);
+  return acc;
+}
+
+template <class V, DType D, bool First, int Q>
+inline void axpy(const void* const* x, const float* coef, size_t n, float* out) {
   using F = typename V::F;
-  const F vc = V::set1(c);
+  F c[Q];
+  for (int q = 0; q < Q; ++q) c[q] = V::set1(coef[q]);
   const F z = V::zero();
   size_t i = 0;
-  for (; i + 4 * V::W <= n; i += 4 * V::W) {
-    F x0 = load_as_f32<V, D>(x, i);
-    F x1 = load_as_f32<V, D>(x, i + V::W);
-    F x2 = load_as_f32<V, D>(x, i + 2 * V::W);
-    F x3 = load_as_f32<V, D>(x, i + 3 * V::W);
+  for (; i + 2 * V::W <= n; i += 2 * V::W) {
     F o0 = First ? z : V::load(out + i);
     F o1 = First ? z : V::load(out + i + V::W);
-    F o2 = First ? z : V::load(out + i + 2 * V::W);
-    F o3 = First ? z : V::load(out + i + 3 * V::W);
-    V::store(out + i, V::fma(vc, x0, o0));
-    V::store(out + i + V::W, V::fma(vc, x1, o1));
-    V::store(out + i + 2 * V::W, V::fma(vc, x2, o2));
-    V::store(out + i + 3 * V::W, V::fma(vc, x3, o3));
+    o0 = axpy_chain<V, D, First, Q>(x, c, i, o0);
+    o1 = axpy_chain<V, D, First, Q>(x, c, i + V::W, o1);
+    V::store(out + i, o0);
+    V::store(out + i + V::W, o1);
   }
   for (; i + V::W <= n; i += V::W) {
     F o = First ? z : V::load(out + i);
-    V::store(out + i, V::fma(vc, load_as_f32<V, D>(x, i), o));
+    V::store(out + i, axpy_chain<V, D, First, Q>(x, c, i, o));
   }
   if (i < n) {
     const size_t t = n - i;
@@ -72,18 +76,36 @@ inline void axpy(const void* x, float c, size_t n, float* out) {
     if (!First) {
       for (size_t k = 0; k < t; ++k) obuf[k] = out[i + k];
     }
-    F o = V::fma(vc, load_tail_as_f32<V, D>(x, i, t), V::load(obuf));
+    F o = V::load(obuf);
+    for (int q = 0; q < Q; ++q) o = V::fma(c[q], load_tail_as_f32<V, D>(x[q], i, t), o);
     store_tail<V>(out + i, o, t);
   }
 }
 
-template <class V, bool First>
-inline void axpy_any(Src x, float c, size_t n, float* out) {
-  switch (x.dt) {
-    case DType::kF32: axpy<V, DType::kF32, First>(x.ptr, c, n, out); break;
-    case DType::kBF16: axpy<V, DType::kBF16, First>(x.ptr, c, n, out); break;
-    case DType::kF16: axpy<V, DType::kF16, First>(x.ptr, c, n, out); break;
+template <class V, bool First, int Q>
+inline void axpy_q(const Src* x, const float* coef, size_t off, size_t n, float* out) {
+  const void* p[Q];
+  for (int q = 0; q < Q; ++q) p[q] = x[q].offset(off).ptr;
+  switch (x[0].dt) {
+    case DType::kF32: axpy<V, DType::kF32, First, Q>(p, coef, n, out); break;
+    case DType::kBF16: axpy<V, DType::kBF16, First, Q>(p, coef, n, out); break;
+    case DType::kF16: axpy<V, DType::kF16, First, Q>(p, coef, n, out); break;
   }
+}
+
+// One run of up to 4 sources that share a dtype, starting at source p.
+template <class V, bool First>
+inline size_t axpy_run(const Src* src, size_t nsrc, size_t p, const float* coef, size_t off,
+                       size_t n, float* out) {
+  size_t q = 1;
+  while (q < 4 && p + q < nsrc && src[p + q].dt == src[p].dt) ++q;
+  switch (q) {
+    case 4: axpy_q<V, First, 4>(src + p, coef + p, off, n, out); break;
+    case 3: axpy_q<V, First, 3>(src + p, coef + p, off, n, out); break;
+    case 2: axpy_q<V, First, 2>(src + p, coef + p, off, n, out); break;
+    default: axpy_q<V, First, 1>(src + p, coef + p, off, n, out); break;
+  }
+  return q;
 }
 
 template <class V, DType D>
@@ -119,8 +141,8 @@ void rowmix_impl(const Src* src, size_t nsrc, const float* coef, size_t m, size_
   if (m == 1) {
     for (size_t b = 0; b < n; b += kAxpyBlock) {
       const size_t nb = n - b < kAxpyBlock ? n - b : kAxpyBlock;
-      axpy_any<V, true>(src[0].offset(b), coef[0], nb, out + b);
-      for (size_t p = 1; p < nsrc; ++p) axpy_any<V, false>(src[p].offset(b), coef[p], nb, out + b);
+      size_t p = axpy_run<V, true>(src, nsrc, 0, coef, b, nb, out + b);
+      while (p < nsrc) p += axpy_run<V, false>(src, nsrc, p, coef, b, nb, out + b);
     }
     return;
   }
