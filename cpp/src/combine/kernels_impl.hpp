@@ -192,7 +192,9 @@ void rowmix_impl(const Src* src, size_t nsrc, const float* coef, size_t m, size_
 template <class V>
 void scale_to_f32_impl(Src x, float scale, size_t n, float* dst) {
   const typename V::F s = V::set1(scale);
-  const typename V::F z = V::zero();
+  // The addend is -0, not +0: x + (-0) == x for every x, including x = -0, whereas -0 + (+0) is
+  // +0. With +0 the "exact" copy of cat mode (scale 1) turned negative zeros into positive ones.
+  const typename V::F z = V::set1(-0.0f);
   size_t i = 0;
   switch (x.dt) {
     case DType::kF32:
