@@ -7,6 +7,7 @@ This package holds the native kernels (``metalora._core``) and the Python layer 
 from __future__ import annotations
 
 from ._dispatch import LEVELS, capabilities, set_isa, use_isa
+from .coefficients import OPERATORS, NeuralOperator, coefficients, select_temperature
 from .combine import MODES, combine, combine_modules
 
 __version__ = "0.1.0"
@@ -15,6 +16,10 @@ __all__ = [
     "__version__",
     "LEVELS",
     "MODES",
+    "OPERATORS",
+    "NeuralOperator",
+    "coefficients",
+    "select_temperature",
     "capabilities",
     "combine",
     "combine_modules",
