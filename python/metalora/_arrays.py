@@ -13,6 +13,7 @@ except ImportError:  # pragma: no cover - exercised only on broken installs
     BFLOAT16 = None
 
 OUT_DTYPES = ("float32", "float16", "bfloat16")
+_F32, _F16, _U16 = np.dtype(np.float32), np.dtype(np.float16), np.dtype(np.uint16)
 
 
 def kernel_view(x: object, what: str) -> np.ndarray:
@@ -22,6 +23,12 @@ def kernel_view(x: object, what: str) -> np.ndarray:
     uint16 bits, and uint16 input is taken to be bfloat16 bits already. Anything else, or a
     non-contiguous array, raises with a message that says what to pass.
     """
+    if type(x) is np.ndarray and x.ndim == 2 and x.flags.c_contiguous:
+        dt = x.dtype  # fast path by identity: builtin dtypes are singletons
+        if dt is _F32 or dt is _F16 or dt is _U16:
+            return x
+        if dt is BFLOAT16:
+            return x.view(np.uint16)
     if not isinstance(x, np.ndarray):
         kind = type(x).__module__.split(".")[0]
         hint = " (for a torch tensor use t.detach().cpu().numpy())" if kind == "torch" else ""

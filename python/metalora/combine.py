@@ -74,15 +74,18 @@ def _floats(values: object, K: int, what: str) -> np.ndarray:
     return arr
 
 
-def _prepare(name: str, A: Sequence[ArrayLike], B: Sequence[ArrayLike], w: np.ndarray,
-             s: np.ndarray, mode: str, rank: int | None) -> _Module:
-    where = f"module {name!r}: " if name else ""
-    K = len(w)
-    if len(A) != K or len(B) != K:
-        raise ValueError(f"{where}got {len(A)} A factors, {len(B)} B factors and {K} weights; "
-                         f"give one A, one B and one weight per adapter")
+def _shapes(where: str, A: Sequence[ArrayLike], B: Sequence[ArrayLike]) -> tuple:
+    """Per-adapter (in, out, rank), with a message naming the adapter when shapes disagree."""
+    sa = [a.shape if type(a) is np.ndarray else None for a in A]
+    sb = [b.shape if type(b) is np.ndarray else None for b in B]
+    if (None not in sa and None not in sb and all(len(x) == 2 for x in sa)
+            and all(len(x) == 2 for x in sb)
+            and len({(x[1], y[0]) for x, y in zip(sa, sb)}) == 1
+            and all(x[0] == y[1] and x[0] > 0 for x, y in zip(sa, sb))):
+        return [x[1] for x in sa], [y[0] for y in sb], [x[0] for x in sa]
+    # Slow path: find the first problem and name it.
     shapes_in, shapes_out, ranks = [], [], []
-    for j in range(K):
+    for j in range(len(A)):
         a, b = A[j], B[j]
         for x, nm in ((a, "A"), (b, "B")):
             if not isinstance(x, np.ndarray):
@@ -98,10 +101,21 @@ def _prepare(name: str, A: Sequence[ArrayLike], B: Sequence[ArrayLike], w: np.nd
         shapes_in.append(a.shape[1])
         shapes_out.append(b.shape[0])
         ranks.append(a.shape[0])
-    for j in range(1, K):
+    for j in range(1, len(A)):
         if shapes_in[j] != shapes_in[0] or shapes_out[j] != shapes_out[0]:
             raise ValueError(f"{where}adapter {j}: update shape (out={shapes_out[j]}, in={shapes_in[j]}) "
                              f"differs from adapter 0's (out={shapes_out[0]}, in={shapes_in[0]})")
+    return shapes_in, shapes_out, ranks
+
+
+def _prepare(name: str, A: Sequence[ArrayLike], B: Sequence[ArrayLike], w: np.ndarray,
+             s: np.ndarray, mode: str, rank: int | None) -> _Module:
+    where = f"module {name!r}: " if name else ""
+    K = len(w)
+    if len(A) != K or len(B) != K:
+        raise ValueError(f"{where}got {len(A)} A factors, {len(B)} B factors and {K} weights; "
+                         f"give one A, one B and one weight per adapter")
+    shapes_in, shapes_out, ranks = _shapes(where, A, B)
     used = [j for j in range(K) if w[j] != 0.0]
     if not used:
         raise ValueError(f"{where}all {K} weights are zero, so the combined update is zero; give at "
@@ -133,7 +147,9 @@ def _spec(m: _Module) -> dict:
 
 def _check_finite(m: _Module, arrays: Sequence[np.ndarray]) -> None:
     """Raise naming the adapter whose factors hold NaN/Inf when a result is not finite."""
-    if all(np.isfinite(x).all() for x in arrays):
+    # One summing pass without temporaries; a non-finite sum can also come from finite values
+    # that overflow, so only then pay for the exact elementwise check.
+    if all(np.isfinite(np.add.reduce(x, axis=None)) or np.isfinite(x).all() for x in arrays):
         return
     where = f"module {m.name!r}: " if m.name else ""
     for j, a, b in zip(m.used, m.A, m.B):
