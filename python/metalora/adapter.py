@@ -280,6 +280,10 @@ def _check_config(cfg: object, path: Path) -> dict:
 # Adapter
 
 
+# Linux >= 5.14; Python's mmap module does not name it. Elsewhere the call fails harmlessly.
+_MADV_POPULATE_READ = 22 if sys.platform.startswith("linux") else None
+
+
 class _Store:
     """A lazily memory-mapped safetensors file."""
 
@@ -307,21 +311,26 @@ class _Store:
                              offset=t.start).reshape(t.shape)
 
     def advise(self, names: Iterable[str], advice: str) -> None:
-        """``madvise`` the byte ranges of ``names``: "willneed" (prefetch) or "dontneed" (drop
-        the pages from this process; they stay in the page cache)."""
-        flag = getattr(mmap, "MADV_WILLNEED" if advice == "willneed" else "MADV_DONTNEED", None)
+        """``madvise`` the bytes spanned by the tensors ``names``, in one call: "willneed"
+        (start reading them in the background), "populate" (map them now, one system call
+        instead of a page fault per 64 KiB), or "dontneed" (drop them from this process; they
+        stay in the page cache). Advice only: errors are ignored."""
+        flag = {"willneed": getattr(mmap, "MADV_WILLNEED", None),
+                "dontneed": getattr(mmap, "MADV_DONTNEED", None),
+                "populate": _MADV_POPULATE_READ}[advice]
         if self._mm is None or flag is None or not hasattr(self._mm, "madvise"):
             return
-        page = mmap.PAGESIZE
-        for name in names:
-            t = self.tensors[name]
-            start = t.start - t.start % page
-            length = min(self.size, t.end) - start
-            if length > 0:
-                try:
-                    self._mm.madvise(flag, start, length)
-                except (OSError, ValueError):  # advice only: never fail the caller
-                    return
+        spans = [(self.tensors[n].start, self.tensors[n].end) for n in names]
+        if not spans:
+            return
+        start = min(s for s, _ in spans)
+        start -= start % mmap.PAGESIZE
+        end = min(self.size, max(e for _, e in spans))
+        if end > start:
+            try:
+                self._mm.madvise(flag, start, end - start)
+            except (OSError, ValueError):
+                pass
 
     def close(self) -> bool:
         """Unmap; returns False (and keeps the map) while numpy views of it are alive."""

@@ -315,7 +315,7 @@ class Bank:
 # ------------------------------------------------------------------------------------------
 # combining from disk
 
-_DEFAULT_BATCH_BYTES = 64 * 2**20
+_DEFAULT_BATCH_BYTES = 256 * 2**20
 
 
 def _weights_vector(bank: Bank, weights) -> np.ndarray:
@@ -407,7 +407,7 @@ def combine_adapters(bank_or_adapters, weights, *, mode: str = "svd", rank: Opti
         Extra provenance (e.g. ``{"distance": "sinkhorn", "operator": "softmin"}``), stored with
         the bank ids, weights, mode and rank in ``adapter.provenance``.
     batch_bytes : int, optional
-        Input bytes per batch of modules (default 64 MiB; at least one module per batch).
+        Input bytes per batch of modules (default 256 MiB; at least one module per batch).
     log : bool
         Also return ``{module: info}`` from :func:`metalora.combine_modules`.
 
@@ -460,6 +460,8 @@ def combine_adapters(bank_or_adapters, weights, *, mode: str = "svd", rank: Opti
     infos: Dict[str, dict] = {}
     try:
         for bi, batch in enumerate(batches):
+            for a in ads:
+                a.advise(batch, "populate")
             if bi + 1 < len(batches):
                 for a in ads:
                     a.advise(batches[bi + 1], "willneed")
