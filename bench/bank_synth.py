@@ -136,7 +136,15 @@ def run_op(op: str, root: Path, threads: int = 0):
 
 
 def _rss_mb() -> float:
-    # ru_maxrss: kilobytes on Linux, bytes on macOS
+    """Peak RSS of this process in MiB. Linux: VmHWM (ru_maxrss survives exec, so a child of a
+    big process would report its parent's peak); elsewhere ru_maxrss (bytes on macOS)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return r / (2**20 if sys.platform == "darwin" else 2**10)
 

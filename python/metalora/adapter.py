@@ -36,7 +36,7 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
-from typing import Dict, Iterable, Mapping, Optional, Tuple
+from typing import Dict, Iterable, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -280,16 +280,13 @@ def _check_config(cfg: object, path: Path) -> dict:
 # Adapter
 
 
-# Linux >= 5.14; Python's mmap module does not name it. Elsewhere the call fails harmlessly.
-_MADV_POPULATE_READ = 22 if sys.platform.startswith("linux") else None
-
-
 class _Store:
     """A lazily memory-mapped safetensors file."""
 
     def __init__(self, path: Path, tensors: Dict[str, _TensorInfo], size: int):
         self.path, self.tensors, self.size = path, tensors, size
         self._mm: Optional[mmap.mmap] = None
+        self._flat: Optional[np.ndarray] = None
 
     @property
     def is_open(self) -> bool:
@@ -306,26 +303,20 @@ class _Store:
             except FileNotFoundError:
                 raise AdapterFileNotFoundError(self.path, "file disappeared since it was "
                                                           "opened") from None
-        dt = _DTYPES[t.code]
-        return np.frombuffer(self._mm, dtype=dt, count=t.nbytes // dt.itemsize,
-                             offset=t.start).reshape(t.shape)
+            self._flat = np.frombuffer(self._mm, dtype=np.uint8)
+        # Slicing one byte view of the map is ~10x cheaper than a frombuffer per tensor.
+        return self._flat[t.start:t.end].view(_DTYPES[t.code]).reshape(t.shape)
 
-    def advise(self, names: Iterable[str], advice: str) -> None:
-        """``madvise`` the bytes spanned by the tensors ``names``, in one call: "willneed"
-        (start reading them in the background), "populate" (map them now, one system call
-        instead of a page fault per 64 KiB), or "dontneed" (drop them from this process; they
-        stay in the page cache). Advice only: errors are ignored."""
+    def advise_span(self, start: int, end: int, advice: str) -> None:
+        """``madvise`` the file bytes [start, end), in one call: "willneed" (start reading
+        them in the background) or "dontneed" (drop them from this process's page tables and
+        RSS; they stay in the page cache). Advice only: errors are ignored."""
         flag = {"willneed": getattr(mmap, "MADV_WILLNEED", None),
-                "dontneed": getattr(mmap, "MADV_DONTNEED", None),
-                "populate": _MADV_POPULATE_READ}[advice]
+                "dontneed": getattr(mmap, "MADV_DONTNEED", None)}[advice]
         if self._mm is None or flag is None or not hasattr(self._mm, "madvise"):
             return
-        spans = [(self.tensors[n].start, self.tensors[n].end) for n in names]
-        if not spans:
-            return
-        start = min(s for s, _ in spans)
         start -= start % mmap.PAGESIZE
-        end = min(self.size, max(e for _, e in spans))
+        end = min(self.size, end)
         if end > start:
             try:
                 self._mm.madvise(flag, start, end - start)
@@ -336,9 +327,12 @@ class _Store:
         """Unmap; returns False (and keeps the map) while numpy views of it are alive."""
         if self._mm is None:
             return True
+        flat, self._flat = self._flat, None
+        del flat
         try:
             self._mm.close()
-        except BufferError:
+        except BufferError:  # views are alive: keep the map
+            self._flat = np.frombuffer(self._mm, dtype=np.uint8)
             return False
         self._mm = None
         return True
@@ -375,6 +369,7 @@ class Adapter:
         self._store: Optional[_Store] = None
         self._keys: Dict[str, Tuple[str, str]] = {}
         self._shapes: Dict[str, Tuple[tuple, tuple]] = {}
+        self._spans: Dict[str, Tuple[int, int]] = {}  # file bytes of each module's tensors
         if self._modules is not None:
             self._shapes = {k: (tuple(a.shape), tuple(b.shape)) for k, (a, b) in self._modules.items()}
             missing = set(self._modules) ^ set(self.scalings)
@@ -462,9 +457,11 @@ class Adapter:
                     raise AdapterError(where, f"tensor {self.tensor_name(m, which)!r} contains "
                                               f"NaN or Inf")
 
-    def advise(self, names: Iterable[str], advice: str) -> None:
-        if self._store is not None:
-            self._store.advise([k for m in names for k in self._keys[m]], advice)
+    def advise(self, names: Sequence[str], advice: str) -> None:
+        """``madvise`` the file bytes of modules ``names`` (see ``_Store.advise_span``)."""
+        if self._store is not None and names:
+            spans = [self._spans[m] for m in names]
+            self._store.advise_span(min(s for s, _ in spans), max(e for _, e in spans), advice)
 
     def close(self) -> bool:
         """Release the file mapping (only possible once no views of it are alive)."""
@@ -687,6 +684,8 @@ def load_adapter(path: os.PathLike, *, check_finite: bool = False) -> Adapter:
                                       f"{cpath.name} gives r = {r}"
                                       f"{' (rank_pattern)' if r != cfg['r'] else ''}")
         ad._keys[mod] = (ka, kb)
+        ad._spans[mod] = (min(tensors[ka].start, tensors[kb].start),
+                          max(tensors[ka].end, tensors[kb].end))
         ad._shapes[mod] = (sa, sb)
         ad.scalings[mod] = float(s)
     if "metalora" in meta:

@@ -460,15 +460,13 @@ def combine_adapters(bank_or_adapters, weights, *, mode: str = "svd", rank: Opti
     infos: Dict[str, dict] = {}
     try:
         for bi, batch in enumerate(batches):
-            for a in ads:
-                a.advise(batch, "populate")
-            if bi + 1 < len(batches):
-                for a in ads:
-                    a.advise(batches[bi + 1], "willneed")
             mods = {}
             for m in batch:
                 pairs = [a.factors(m) for a in ads]
                 mods[m] = ([p[0] for p in pairs], [p[1] for p in pairs])
+            if bi + 1 < len(batches):
+                for a in ads:
+                    a.advise(batches[bi + 1], "willneed")
             scal = {m: [a.scalings[m] for a in ads] for m in batch}
             try:
                 res, info = combine_modules(mods, wu, scalings=scal, mode=mode, rank=rank,
