@@ -91,6 +91,9 @@ def test_rank_disagreeing_with_config(tmp_path, rng):
     ("bias", "lora_only", "biases"),
     ("modules_to_save", ["lm_head"], "full trained copies"),
     ("peft_type", "IA3", "only LoRA"),
+    ("use_qalora", True, "QA-LoRA"),
+    ("alora_invocation_tokens", [5, 6], "activated LoRA"),
+    ("kasa_config", {"x": 1}, "KaSA"),
 ])
 def test_refused_configs(tmp_path, rng, key, value, why):
     write_adapter(tmp_path / "a", random_factors(rng), base_config(**{key: value}))
@@ -126,6 +129,17 @@ def test_conv_and_int_tensors_refused(tmp_path, rng):
     write_adapter(tmp_path / "b", f, base_config(), dtype=np.float64)
     with pytest.raises(AdapterError, match="F64 is not supported"):
         load_adapter(tmp_path / "b")
+
+
+def test_mismatched_factor_shapes(tmp_path, rng):
+    f = random_factors(rng)
+    name = "model.layers.0.self_attn.q_proj"
+    f[name] = (f[name][0], f[name][1][:, :3].copy())  # B has rank 3, A rank 4
+    write_adapter(tmp_path / "a", f, base_config())
+    with pytest.raises(AdapterError, match=r"adapter_model.safetensors: module "
+                                           r"'model.layers.0.self_attn.q_proj': lora_A is \[4, 24\] "
+                                           r"and lora_B is \[24, 3\]"):
+        load_adapter(tmp_path / "a")
 
 
 def test_missing_half_of_a_pair(tmp_path, rng):
@@ -318,6 +332,21 @@ def test_loaded_adapter_saves_itself_unchanged(tmp_path, rng):
     for k in ad.names:
         np.testing.assert_array_equal(back.modules[k][0].view(np.uint16),
                                       ad.modules[k][0].view(np.uint16))
+
+
+def test_in_memory_adapter_with_raw_bf16_bits(tmp_path, rng):
+    f = random_factors(rng)
+    bits = {k: (a.astype(BF16).view(np.uint16), b.astype(BF16).view(np.uint16))
+            for k, (a, b) in f.items()}
+    ad = Adapter(bits, {k: 0.5 for k in f}, base_config(r=4, lora_alpha=2))
+    back = load_adapter(ad.save(tmp_path / "o"))
+    assert back.dtypes == {"bfloat16"} and back.scalings == ad.scalings
+    k = next(iter(f))
+    np.testing.assert_array_equal(back.modules[k][1].view(np.uint16), bits[k][1])
+    # combining in-memory adapters works the same as from disk
+    out = metalora.combine_adapters([ad, back], [1.0, -1.0], mode="cat")
+    for k in f:
+        np.testing.assert_allclose(out.delta(k), 0.0, atol=1e-6)  # twins cancel
 
 
 def test_public_api():

@@ -188,7 +188,7 @@ def _write_safetensors(f, tensors: Mapping[str, np.ndarray], metadata: Mapping[s
     order = sorted(tensors)
     for name in order:
         a = tensors[name]
-        code = _CODES.get(a.dtype)
+        code = "BF16" if a.dtype == np.uint16 else _CODES.get(a.dtype)  # uint16: bf16 bits
         if code is None:
             raise TypeError(f"tensor {name!r}: dtype {a.dtype} cannot be written (float32, "
                             f"float16 or bfloat16)")
@@ -265,6 +265,15 @@ def _check_config(cfg: object, path: Path) -> dict:
         ("target_parameters", "LoRA on nn.Parameter targets (target_parameters) is not "
                               "supported"),
         ("layer_replication", "layer_replication changes the base model's structure"),
+        ("use_qalora", "QA-LoRA pools the input in groups, so its A does not act on the full "
+                       "input"),
+        ("alora_invocation_tokens", "activated LoRA applies the update only after its "
+                                    "invocation tokens, so it is not a plain weight update"),
+        ("kasa_config", "KaSA inserts learned singular values between A and B and truncates the "
+                        "base weight"),
+        ("monteclora_config", "MonteCLoRA samples its factors"),
+        ("arrow_config", "Arrow routes between adapters per token"),
+        ("use_bdlora", "BD-LoRA stores block-diagonal factors"),
     ]
     for key, why in refusals:
         if _nonempty(cfg.get(key)):
