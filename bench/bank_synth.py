@@ -177,11 +177,15 @@ def measure(root: Path, repeat: int, out: Path) -> str:
         if not cold:
             read_with_safetensors(root)  # warm the page cache
         for op in ("read", "linear", "svd8"):
-            runs = [in_child(op, root, cold) for _ in range(repeat)]
+            runs = []
+            for _ in range(repeat):
+                r = in_child(op, root, cold)
+                r["load1"] = os.getloadavg()[0]
+                runs.append(r)
             best = min(runs, key=lambda r: r["seconds"])
             rows.append((("cold" if cold else "warm"), op, best, runs))
-    lines = ["| cache | operation | time (s), best of %d | GB/s | bank open (s) | peak RSS (MB) "
-             "| RSS before (MB) |" % repeat, "|---|---|---|---|---|---|---|"]
+    lines = ["| cache | operation | time (s), best of %d | GB/s | bank open (s) | peak RSS (MiB) "
+             "| RSS before (MiB) | load avg |" % repeat, "|---|---|---|---|---|---|---|---|"]
     names = {"read": "read bank bytes (safetensors numpy, all tensors)",
              "linear": "`linear`, dense weights, all adapters",
              "svd8": "`svd` rank 16, top-8 weights"}
@@ -190,7 +194,8 @@ def measure(root: Path, repeat: int, out: Path) -> str:
         lines.append(f"| {cache} | {names[op]} | {best['seconds']:.3f} "
                      f"(all: {', '.join('%.3f' % r['seconds'] for r in runs)}) | {gbs:.2f} | "
                      f"{best.get('open_seconds', 0):.3f} | {max(r['peak_rss_mb'] for r in runs):.0f} "
-                     f"| {best['rss_before_mb']:.0f} |")
+                     f"| {best['rss_before_mb']:.0f} | "
+                     f"{min(r['load1'] for r in runs):.1f}-{max(r['load1'] for r in runs):.1f} |")
     table = "\n".join(lines)
     return table
 

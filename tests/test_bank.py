@@ -249,3 +249,20 @@ def test_from_adapters_list(tmp_path):
     for name in SHAPES:
         np.testing.assert_allclose(_delta(out, name), ref[name], rtol=1e-5, atol=1e-4)
     assert [a["id"] for a in out.provenance["adapters"]] == ["0", "1", "2"]
+
+
+@pytest.mark.parametrize("max_open", [256, 1])
+def test_mappings_are_released(tmp_path, monkeypatch, max_open):
+    import metalora.bank as mb
+
+    monkeypatch.setattr(mb, "_MAX_OPEN", max_open)
+    root, truth = make_bank(tmp_path, n=3)
+    bank = Bank(root)
+    held = bank["task002"].modules  # the user holds views of this one: it stays mapped
+    w = {"task000": 1.0, "task001": 2.0, "task002": 0.5}
+    out = combine_adapters(bank, w, mode="cat", batch_bytes=1)
+    assert [bank[i]._store.is_open for i in bank] == [False, False, True]
+    ref = reference_delta(truth, w)
+    for name in SHAPES:
+        np.testing.assert_allclose(_delta(out, name), ref[name], rtol=1e-5, atol=1e-4)
+    assert held[name][0].shape == (4, 24)

@@ -316,6 +316,7 @@ class Bank:
 # combining from disk
 
 _DEFAULT_BATCH_BYTES = 256 * 2**20
+_MAX_OPEN = 256
 
 
 def _weights_vector(bank: Bank, weights) -> np.ndarray:
@@ -456,14 +457,13 @@ def combine_adapters(bank_or_adapters, weights, *, mode: str = "svd", rank: Opti
         size += nb
     batches.append(cur)
 
+    # Each open mapping holds a file descriptor; past _MAX_OPEN adapters, map them per batch.
+    many = len(ads) > _MAX_OPEN
     out: Dict[str, tuple] = {}
     infos: Dict[str, dict] = {}
     try:
         for bi, batch in enumerate(batches):
-            mods = {}
-            for m in batch:
-                pairs = [a.factors(m) for a in ads]
-                mods[m] = ([p[0] for p in pairs], [p[1] for p in pairs])
+            mods = _batch_views(ads, batch)
             if bi + 1 < len(batches):
                 for a in ads:
                     a.advise(batches[bi + 1], "willneed")
@@ -482,8 +482,11 @@ def combine_adapters(bank_or_adapters, weights, *, mode: str = "svd", rank: Opti
                 out[m] = res[m]
                 infos[m] = info[m]
                 infos[m]["used"] = [bank.ids[used[j]] for j in info[m]["used"]]
-            for a in ads:
-                a.advise(batch, "dontneed")
+            for a, was in zip(ads, was_open):
+                if many and not was and a._store is not None and a._modules is None:
+                    a._store.close()  # unmapped: pages leave RSS, the descriptor is freed
+                else:
+                    a.advise(batch, "dontneed")
     finally:
         for a, was in zip(ads, was_open):
             if not was and a._store is not None and a._modules is None:
@@ -515,6 +518,16 @@ def combine_adapters(bank_or_adapters, weights, *, mode: str = "svd", rank: Opti
     if log:
         return result, infos
     return result
+
+
+def _batch_views(ads: List[Adapter], batch: List[str]) -> dict:
+    """``{module: (A_list, B_list)}`` views for one batch (a function, so that no stray local
+    keeps a view, and hence the mapping, alive after the batch)."""
+    mods = {}
+    for m in batch:
+        pairs = [a.factors(m) for a in ads]
+        mods[m] = ([p[0] for p in pairs], [p[1] for p in pairs])
+    return mods
 
 
 def _with_ids(exc: ValueError, bank: Bank, used: List[int]) -> ValueError:
