@@ -114,8 +114,9 @@ def test_intersection(tmp_path):
     shutil.rmtree(root / "task001")
     write_adapter(root / "task001", f, base_config(lora_alpha=12))
     truth["task001"] = (f, 3.0)
-    with pytest.raises(BankError, match="lacks 1 module"):
+    with pytest.raises(BankError, match="lacks 1 module.*that 2 of 3 adapters have") as ei:
         Bank(root)
+    assert len(ei.value.problems) == 1 and "task001" in str(ei.value)
     bank = Bank(root, modules="intersection")
     assert gone not in bank.modules and bank.dropped_modules == [gone]
     w = {"task000": 0.5, "task001": -1.0, "task002": 0.25}
@@ -266,3 +267,17 @@ def test_mappings_are_released(tmp_path, monkeypatch, max_open):
     for name in SHAPES:
         np.testing.assert_allclose(_delta(out, name), ref[name], rtol=1e-5, atol=1e-4)
     assert held[name][0].shape == (4, 24)
+
+
+def test_extra_module_reported_on_the_odd_adapter(tmp_path):
+    root, _ = make_bank(tmp_path, n=3)
+    rng = np.random.default_rng(9)
+    shapes = dict(SHAPES)
+    shapes["model.layers.0.mlp.up_proj"] = (40, 24)
+    shutil.rmtree(root / "task002")
+    write_adapter(root / "task002", random_factors(rng, shapes), base_config())
+    with pytest.raises(BankError, match=r"task002.*has 1 module\(s\) that 2 of 3 adapters lack, "
+                                        r"e.g. \['model.layers.0.mlp.up_proj'\]") as ei:
+        Bank(root)
+    assert len(ei.value.problems) == 1
+    assert Bank(root, modules="intersection").dropped_modules == ["model.layers.0.mlp.up_proj"]

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import warnings
 from collections import Counter
 from pathlib import Path
@@ -211,14 +212,18 @@ class Bank:
             for m in a.names:
                 order.setdefault(m, len(order))
         if self.policy == "strict":
+            # The module set most adapters share is the reference; report the others.
+            ref, n = _majority({i: sorted(s) for i, s in enumerate(sets)})
+            ref = set(ref)
+            hint = " (modules='intersection' combines the shared ones)"
             for i, s in enumerate(sets):
-                lack, extra = sorted(union - s, key=order.get), sorted(s - common, key=order.get)
+                lack, extra = sorted(ref - s, key=order.get), sorted(s - ref, key=order.get)
                 if lack:
-                    problems.append(f"{self._where(i)}: lacks {len(lack)} module(s) that other "
-                                    f"adapters have, e.g. {lack[:3]} (use modules='intersection' "
-                                    f"to combine the shared ones)")
-                elif extra and len(s) > len(common):
-                    pass  # reported on the adapters that lack them
+                    problems.append(f"{self._where(i)}: lacks {len(lack)} module(s) that {n} of "
+                                    f"{len(ads)} adapters have, e.g. {lack[:3]}{hint}")
+                if extra:
+                    problems.append(f"{self._where(i)}: has {len(extra)} module(s) that {n} of "
+                                    f"{len(ads)} adapters lack, e.g. {extra[:3]}{hint}")
             use = sorted(union, key=order.get)
         else:
             use = sorted(common, key=order.get)
@@ -338,10 +343,7 @@ def _weights_vector(bank: Bank, weights) -> np.ndarray:
 
 
 def _output_config(bank: Bank, ranks: Dict[str, int], full_set: bool) -> dict:
-    from collections import Counter as _C
-    import re
-
-    r = _C(ranks.values()).most_common(1)[0][0]
+    r = Counter(ranks.values()).most_common(1)[0][0]
     pattern = {re.escape(m): k for m, k in ranks.items() if k != r}
     tm_vals = [a.config.get("target_modules") for a in bank._adapters]
     layered = any(a.config.get("layers_to_transform") is not None for a in bank._adapters)
