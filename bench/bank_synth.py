@@ -113,6 +113,9 @@ def dense_weights(n: int) -> np.ndarray:
 def run_op(op: str, root: Path, threads: int = 0):
     import metalora
 
+    if "-t" in op:  # e.g. "linear-t1": one OpenMP thread
+        op, threads = op.split("-t")[0], int(op.split("-t")[1])
+
     t0 = time.perf_counter()
     if op == "read":
         nbytes = read_with_safetensors(root)
@@ -171,33 +174,43 @@ def in_child(op: str, root: Path, cold: bool) -> dict:
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
+OPS = ("read", "linear", "svd8")
+NAMES = {"read": "read the bank's bytes (safetensors numpy API, every tensor)",
+         "linear": "`linear`, dense weights (all 100 adapters)",
+         "svd8": "`svd` rank 16, top-8 weights"}
+
+
 def measure(root: Path, repeat: int, out: Path) -> str:
-    rows = []
-    for cold in (False, True):
-        if not cold:
-            read_with_safetensors(root)  # warm the page cache
-        for op in ("read", "linear", "svd8"):
-            runs = []
-            for _ in range(repeat):
-                r = in_child(op, root, cold)
+    """Each round runs every operation once, interleaved, each in a fresh process, so that the
+    operations see the same background load; warm rounds first, then cold (page cache of the
+    bank's files dropped before every run)."""
+    runs = {(c, op): [] for c in ("warm", "cold") for op in OPS}
+    for cache in ("warm", "cold"):
+        if cache == "warm":
+            read_with_safetensors(root)
+        for _ in range(repeat):
+            for op in OPS:
+                r = in_child(op, root, cache == "cold")
                 r["load1"] = os.getloadavg()[0]
-                runs.append(r)
-            best = min(runs, key=lambda r: r["seconds"])
-            rows.append((("cold" if cold else "warm"), op, best, runs))
-    lines = ["| cache | operation | time (s), best of %d | GB/s | bank open (s) | peak RSS (MiB) "
-             "| RSS before (MiB) | load avg |" % repeat, "|---|---|---|---|---|---|---|---|"]
-    names = {"read": "read bank bytes (safetensors numpy, all tensors)",
-             "linear": "`linear`, dense weights, all adapters",
-             "svd8": "`svd` rank 16, top-8 weights"}
-    for cache, op, best, runs in rows:
-        gbs = best["bytes"] / best["seconds"] / 1e9
-        lines.append(f"| {cache} | {names[op]} | {best['seconds']:.3f} "
-                     f"(all: {', '.join('%.3f' % r['seconds'] for r in runs)}) | {gbs:.2f} | "
-                     f"{best.get('open_seconds', 0):.3f} | {max(r['peak_rss_mb'] for r in runs):.0f} "
-                     f"| {best['rss_before_mb']:.0f} | "
-                     f"{min(r['load1'] for r in runs):.1f}-{max(r['load1'] for r in runs):.1f} |")
-    table = "\n".join(lines)
-    return table
+                runs[cache, op].append(r)
+    lines = [f"| cache | operation | min (s) | median (s) | GB/s at min | x read (median) | "
+             f"bank open (s, median) | peak RSS (MiB) | load avg (1 min) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for (cache, op), rs in runs.items():
+        t = sorted(r["seconds"] for r in rs)
+        med = float(np.median(t))
+        base = float(np.median([r["seconds"] for r in runs[cache, "read"]]))
+        opens = [r.get("open_seconds", 0.0) for r in rs]
+        loads = [r["load1"] for r in rs]
+        lines.append(f"| {cache} | {NAMES[op]} | {t[0]:.3f} | {med:.3f} | "
+                     f"{rs[0]['bytes'] / t[0] / 1e9:.2f} | {med / base:.2f} | "
+                     f"{float(np.median(opens)):.3f} | {max(r['peak_rss_mb'] for r in rs):.0f} | "
+                     f"{min(loads):.1f}-{max(loads):.1f} |")
+    lines.append("")
+    lines.append(f"Rounds: {repeat}; peak RSS is VmHWM of a fresh process (imports: "
+                 f"{max(r['rss_before_mb'] for rs in runs.values() for r in rs):.0f} MiB before "
+                 f"the operation); the bank's files total {sum(f.stat().st_size for f in bank_files(root)) / 1e9:.2f} GB.")
+    return "\n".join(lines)
 
 
 def main(argv=None):
