@@ -9,6 +9,8 @@ from __future__ import annotations
 from ._dispatch import LEVELS, capabilities, set_isa, use_isa
 from .coefficients import OPERATORS, NeuralOperator, coefficients, select_temperature
 from .combine import MODES, combine, combine_modules
+from .adapter import Adapter, AdapterError, load_adapter
+from .bank import Bank, BankError, combine_adapters
 
 __version__ = "0.1.0"
 
@@ -25,4 +27,10 @@ __all__ = [
     "combine_modules",
     "set_isa",
     "use_isa",
+    "Adapter",
+    "AdapterError",
+    "load_adapter",
+    "Bank",
+    "BankError",
+    "combine_adapters",
 ]
