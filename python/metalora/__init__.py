@@ -8,6 +8,11 @@ from __future__ import annotations
 
 from ._dispatch import LEVELS, capabilities, set_isa, use_isa
 from .combine import MODES, combine, combine_modules
+# dataset -> signature (issue 4); onnxruntime/tokenizers are imported on first use
+from .datasets import Dataset, DatasetError, load_dataset
+from .embed import Embedder, ModelNotInstalledError, TruncationWarning, embed
+from .signatures import SignatureCache, signature
+from .tokens import TokenSignature, token_signature
 
 __version__ = "0.1.0"
 
@@ -20,4 +25,16 @@ __all__ = [
     "combine_modules",
     "set_isa",
     "use_isa",
+    # signatures (issue 4)
+    "Dataset",
+    "DatasetError",
+    "Embedder",
+    "ModelNotInstalledError",
+    "SignatureCache",
+    "TokenSignature",
+    "TruncationWarning",
+    "embed",
+    "load_dataset",
+    "signature",
+    "token_signature",
 ]
