@@ -130,20 +130,23 @@ def build_bert_onnx(model_dir, *, prefix: str = "", fused: bool = True) -> bytes
     x = node("Add", [x, node("Gather", [tte, "token_type_ids"], axis=0)])
     x = layer_norm(x, "embeddings.LayerNorm")
 
-    # --- attention bias from the mask: (1 - m) * -10000, shape [B, 1, 1, S] -------------------
-    mask_f = node("Cast", ["attention_mask"], to=TensorProto.FLOAT)
-    inv = node("Sub", [const("one_f", np.array(1.0, np.float32)), mask_f])
-    bias = node("Mul", [inv, const("neg_big", np.array(-10000.0, np.float32))])
-    bias = node("Unsqueeze", [bias, const("axes_12", np.array([1, 2], np.int64))])
+    if not fused:
+        # attention bias from the mask: (1 - m) * -10000, shape [B, 1, 1, S]
+        mask_f = node("Cast", ["attention_mask"], to=TensorProto.FLOAT)
+        inv = node("Sub", [const("one_f", np.array(1.0, np.float32)), mask_f])
+        bias = node("Mul", [inv, const("neg_big", np.array(-10000.0, np.float32))])
+        bias = node("Unsqueeze", [bias, const("axes_12", np.array([1, 2], np.int64))])
 
-    heads_shape = const("heads_shape", np.array([0, 0, n_heads, d], np.int64))
-    merge_shape = const("merge_shape", np.array([0, 0, H], np.int64))
-    scale = const("qk_scale", np.array(1.0 / math.sqrt(d), np.float32))
-    half = const("half", np.array(0.5, np.float32))
-    one = "one_f"
-    inv_sqrt2 = const("inv_sqrt2", np.array(1.0 / math.sqrt(2.0), np.float32))
+    if not fused:
+        heads_shape = const("heads_shape", np.array([0, 0, n_heads, d], np.int64))
+        merge_shape = const("merge_shape", np.array([0, 0, H], np.int64))
+        scale = const("qk_scale", np.array(1.0 / math.sqrt(d), np.float32))
+        half = const("half", np.array(0.5, np.float32))
+        one = "one_f"
+        inv_sqrt2 = const("inv_sqrt2", np.array(1.0 / math.sqrt(2.0), np.float32))
 
-    mask_i32 = node("Cast", ["attention_mask"], to=TensorProto.INT32)
+    if fused:  # Attention takes the raw [B, S] 0/1 mask as int32
+        mask_i32 = node("Cast", ["attention_mask"], to=TensorProto.INT32)
     ms = {"domain": "com.microsoft"}
 
     def skip_ln(y: str, skip: str, key: str, bias_key: str) -> str:
