@@ -219,3 +219,21 @@ def test_fused_graph_matches_standard_ops_graph(emb, reference):
     a, b = emb.embed(sentences), plain.embed(sentences)
     np.testing.assert_allclose(a, b, atol=2e-6, rtol=0)
     np.testing.assert_allclose(b, ref, atol=ATOL, rtol=0)
+
+
+@need_model
+def test_falls_back_to_standard_graph_when_fused_is_rejected(monkeypatch, reference):
+    real = embed_mod._built_model_bytes
+
+    def fused_broken(path, size, mtime_ns, fused=True):
+        return b"not an onnx model" if fused else real(path, size, mtime_ns, fused=False)
+
+    monkeypatch.setattr(embed_mod, "_built_model_bytes", fused_broken)
+    embed_mod._shared_session.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match="standard-operator graph"):
+            e = Embedder(threads=1, progress=False)
+        sentences, ref = reference
+        np.testing.assert_allclose(e.embed(sentences), ref, atol=ATOL, rtol=0)
+    finally:
+        embed_mod._shared_session.cache_clear()

@@ -108,18 +108,24 @@ def file_digest(path: PathLike) -> str:
     return _file_digest(os.fspath(path), st.st_size, st.st_mtime_ns)
 
 
-def _built_model_bytes(model_dir: str, size: int, mtime_ns: int) -> bytes:
+def _built_model_bytes(model_dir: str, size: int, mtime_ns: int, fused: bool = True) -> bytes:
     from ._bert_onnx import build_bert_onnx
 
-    return build_bert_onnx(model_dir)
+    return build_bert_onnx(model_dir, fused=fused)
 
 
 @functools.lru_cache(maxsize=4)
 def _shared_session(kind: str, path: str, size: int, mtime_ns: int, threads: int):
     """One ONNX Runtime session per (model file version, threads), shared by Embedders
     (``InferenceSession.run`` is thread-safe); built graphs are made once per process."""
-    src: Union[bytes, str] = _built_model_bytes(path, size, mtime_ns) if kind == "built" else path
-    return _session(src, threads)
+    if kind != "built":
+        return _session(path, threads)
+    try:
+        return _session(_built_model_bytes(path, size, mtime_ns, fused=True), threads)
+    except Exception as exc:  # an ONNX Runtime build without the com.microsoft CPU kernels
+        warnings.warn(f"ONNX Runtime rejected the fused encoder graph ({exc}); using the "
+                      "standard-operator graph (same numbers, slower)", RuntimeWarning)
+        return _session(_built_model_bytes(path, size, mtime_ns, fused=False), threads)
 
 
 def _session(model: Union[bytes, str], threads: int):
