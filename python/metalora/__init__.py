@@ -11,6 +11,11 @@ from .coefficients import OPERATORS, NeuralOperator, coefficients, select_temper
 from .combine import MODES, combine, combine_modules
 from .adapter import Adapter, AdapterError, load_adapter
 from .bank import Bank, BankError, combine_adapters
+# dataset -> signature (issue 4); onnxruntime/tokenizers are imported on first use
+from .datasets import Dataset, DatasetError, load_dataset
+from .embed import Embedder, ModelNotInstalledError, TruncationWarning, embed
+from .signatures import SignatureCache, signature
+from .tokens import TokenSignature, token_signature
 
 __version__ = "0.1.0"
 
@@ -33,4 +38,16 @@ __all__ = [
     "Bank",
     "BankError",
     "combine_adapters",
+    # signatures (issue 4)
+    "Dataset",
+    "DatasetError",
+    "Embedder",
+    "ModelNotInstalledError",
+    "SignatureCache",
+    "TokenSignature",
+    "TruncationWarning",
+    "embed",
+    "load_dataset",
+    "signature",
+    "token_signature",
 ]
