@@ -8,6 +8,10 @@ from __future__ import annotations
 
 from ._dispatch import LEVELS, capabilities, set_isa, use_isa
 from .combine import MODES, combine, combine_modules
+from .distances import (METRICS, ConvergenceWarning, cost_matrix, distances, energy_distance,
+                        entropic_ot, gaussian_w2, js_divergence, kl_divergence, mean_cosine, mmd,
+                        pairwise_distances, random_projections, sinkhorn_divergence,
+                        sliced_wasserstein, token_histogram, token_mmd, wasserstein_1d)
 
 __version__ = "0.1.0"
 
@@ -20,4 +24,9 @@ __all__ = [
     "combine_modules",
     "set_isa",
     "use_isa",
+    # distances
+    "METRICS", "ConvergenceWarning", "cost_matrix", "distances", "energy_distance", "entropic_ot",
+    "gaussian_w2", "js_divergence", "kl_divergence", "mean_cosine", "mmd", "pairwise_distances",
+    "random_projections", "sinkhorn_divergence", "sliced_wasserstein", "token_histogram",
+    "token_mmd", "wasserstein_1d",
 ]
