@@ -69,7 +69,7 @@ py::array_t<double> vec(const std::vector<double>& v) {
 
 py::dict sinkhorn(const py::array& X, const py::array& Y, const py::array& a, const py::array& b,
                   double eps, double scaling, double tol, int max_iter, bool debias, int cost_kind,
-                  int threads) {
+                  int threads, bool averaged_xy) {
   check_pair(X, Y);
   const std::size_t n = X.shape(0), m = Y.shape(0), d = X.shape(1);
   const double* pa = weights(a, n, "a");
@@ -85,6 +85,7 @@ py::dict sinkhorn(const py::array& X, const py::array& Y, const py::array& a, co
   opt.debias = debias;
   opt.cost = cost_kind;
   opt.threads = threads;
+  opt.averaged_xy = averaged_xy;
   md::SinkhornResult r;
   {
     py::gil_scoped_release nogil;
@@ -178,7 +179,7 @@ void register_distances(py::module_& m) {
         "1 cosine, 2 dot.");
   m.def("dist_sinkhorn", &sinkhorn, py::arg("X"), py::arg("Y"), py::arg("a"), py::arg("b"),
         py::arg("eps"), py::arg("scaling"), py::arg("tol"), py::arg("max_iter"),
-        py::arg("debias"), py::arg("cost"), py::arg("threads") = 0,
+        py::arg("debias"), py::arg("cost"), py::arg("threads") = 0, py::arg("averaged_xy") = false,
         "Log-domain Sinkhorn with eps-scaling (internal; see metalora.sinkhorn_divergence).");
   m.def("dist_sliced", &sliced, py::arg("X"), py::arg("Y"), py::arg("a"), py::arg("b"),
         py::arg("P"), py::arg("p"), py::arg("threads") = 0,

@@ -22,6 +22,7 @@ struct SinkhornOptions {
   double tol = 1e-6;     // on the L1 marginal error of every problem solved
   int max_iter = 1000;   // bound on updates at the target eps (annealing steps not counted)
   bool debias = true;    // also solve OT(P, P) and OT(Q, Q)
+  bool averaged_xy = false;  // (f, g) at the target eps: averaged Jacobi steps, else alternating
   int cost = kSqEuclidean;
   int threads = 0;
 };

@@ -342,7 +342,16 @@ SinkhornResult sinkhorn(const T* X, std::size_t n, const T* Y, std::size_t m, st
   bool done_xy = false, done_xx = !opt.debias, done_yy = !opt.debias;
   double mass;
   for (int it = 0; it < opt.max_iter && !(done_xy && done_xx && done_yy); ++it) {
-    if (!done_xy) {
+    if (!done_xy && opt.averaged_xy) {
+      // Jacobi step from (f, g): both half-steps from the same state, then averaged.
+      Txy(g, lb, eps, ft, threads);
+      Tyx(f, la, eps, gt, threads);
+      row_mass(wa, f, ft, eps, &mass, &res.err_xy);
+      res.ot_xy = dot(wa, f) + dot(wb, gt);  // dual value of (f, T(f)): exact column marginals
+      for (std::size_t i = 0; i < n; ++i) f[i] = 0.5 * (f[i] + ft[i]);
+      for (std::size_t j = 0; j < m; ++j) g[j] = 0.5 * (g[j] + gt[j]);
+      done_xy = res.err_xy < opt.tol;
+    } else if (!done_xy) {
       Tyx(f, la, eps, g, threads);
       Txy(g, lb, eps, ft, threads);
       row_mass(wa, f, ft, eps, &mass, &res.err_xy);
