@@ -478,7 +478,9 @@ void kernel_sums(const T* X, std::size_t n, const T* Y, std::size_t m, std::size
   };
   out[0] = sum_block(Xc.data(), n, xn.data(), Xc.data(), n, xn.data(), true);
   out[1] = sum_block(Yc.data(), m, yn.data(), Yc.data(), m, yn.data(), true);
-  out[2] = sum_block(Xc.data(), n, xn.data(), Yc.data(), m, yn.data(), false);
+  // The same cloud twice (one array): its cross diagonal is exactly 0 too.
+  const bool same = X == Y && n == m;
+  out[2] = sum_block(Xc.data(), n, xn.data(), Yc.data(), m, yn.data(), same);
 }
 
 template void cost_matrix<float>(const float*, std::size_t, const float*, std::size_t, std::size_t,
