@@ -33,6 +33,7 @@ struct SinkhornResult {
   int anneal_steps = 0, iterations = 0;  // iterations at the target eps
   bool converged = false;
   double eps0 = 0;                        // first epsilon of the annealing
+  double seconds_cost = 0, seconds_anneal = 0, seconds_final = 0;  // wall time of the phases
   std::vector<double> f, g, p, q;         // potentials (f, g for (x, y); p on x, q on y)
 };
 

@@ -2,9 +2,11 @@
 #include "metalora/distances.hpp"
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <numeric>
 #include <vector>
 
@@ -53,9 +55,12 @@ template <>
 const KernelsT<double>& table<double>() { return kernels().f64; }
 
 // G[i, j] = max(lo, alpha <x_i, y_j> + xn_i + yn_j) for rows [0, n), parallel over row tasks.
+// With upper = true (X == Y, n == m), only the column panels at or right of each row block are
+// computed (every entry with j >= i, some below); mirror_lower then fills the rest.
 template <class T>
 void gram_parallel(const T* X, std::size_t n, const T* Y, std::size_t m, std::size_t d, T alpha,
-                   const T* xn, const T* yn, T lo, T* G, std::size_t ldg, int threads) {
+                   const T* xn, const T* yn, T lo, T* G, std::size_t ldg, int threads,
+                   bool upper = false) {
   const KernelsT<T>& k = table<T>();
   const std::size_t nr = k.nr, npanels = ceil_div(m, nr);
   std::vector<T> Yp(npanels * nr * d + 1);
@@ -66,8 +71,23 @@ void gram_parallel(const T* X, std::size_t n, const T* Y, std::size_t m, std::si
   });
   parallel_for(ceil_div(n, kGramRows), threads, [&](std::size_t t) {
     const std::size_t i0 = t * kGramRows, i1 = std::min(n, i0 + kGramRows);
-    k.gram(X + i0 * d, d, i1 - i0, Yp.data(), m, d, alpha, xn ? xn + i0 : nullptr, yn, lo,
-           G + i0 * ldg, ldg);
+    const std::size_t j0 = upper ? i0 / nr * nr : 0;
+    k.gram(X + i0 * d, d, i1 - i0, Yp.data() + j0 * d, m - j0, d, alpha,
+           xn ? xn + i0 : nullptr, yn ? yn + j0 : nullptr, lo, G + i0 * ldg + j0, ldg);
+  });
+}
+
+// D[i, j] = D[j, i] for j < i (n x n, row stride ld), blocked.
+template <class T>
+void mirror_lower(T* D, std::size_t n, std::size_t ld, int threads) {
+  constexpr std::size_t kb = 32;
+  parallel_for(ceil_div(n, kb), threads, [&](std::size_t t) {
+    const std::size_t i0 = t * kb, i1 = std::min(n, i0 + kb);
+    for (std::size_t j0 = 0; j0 < i1; j0 += kb) {
+      const std::size_t j1 = std::min(i1, j0 + kb);
+      for (std::size_t i = i0; i < i1; ++i)
+        for (std::size_t j = j0; j < std::min(j1, i); ++j) D[i * ld + j] = D[j * ld + i];
+    }
   });
 }
 
@@ -128,7 +148,8 @@ void sqdist_matrix(const T* X, std::size_t n, const T* Y, std::size_t m, std::si
   } else {
     const auto xn = sqnorms(X, n, d);
     const auto yn = self ? xn : sqnorms(Y, m, d);
-    gram_parallel<T>(X, n, Y, m, d, T(-2), xn.data(), yn.data(), T(0), D, ld, threads);
+    gram_parallel<T>(X, n, Y, m, d, T(-2), xn.data(), yn.data(), T(0), D, ld, threads, self);
+    if (self) mirror_lower(D, n, ld, threads);
   }
   if (self)
     for (std::size_t i = 0; i < n; ++i) D[i * ld + i] = T(0);
@@ -201,13 +222,19 @@ void row_mass(const std::vector<double>& w, const std::vector<double>& cur,
   *err = e;
 }
 
+// Row-major rows x cols matrix with row stride ld >= cols: uninitialised, pads zeroed.
 template <class T>
-T max_entry(const std::vector<T>& C, std::size_t rows, std::size_t cols, std::size_t ld) {
-  T mx = T(0);
-  for (std::size_t i = 0; i < rows; ++i)
-    for (std::size_t j = 0; j < cols; ++j) mx = std::max(mx, C[i * ld + j]);
-  return mx;
-}
+struct Matrix {
+  std::unique_ptr<T[]> buf;
+  Matrix() = default;
+  Matrix(std::size_t rows, std::size_t cols, std::size_t ld) { reset(rows, cols, ld); }
+  void reset(std::size_t rows, std::size_t cols, std::size_t ld) {
+    buf.reset(new T[rows * ld + 1]);
+    for (std::size_t i = 0; i < rows; ++i)
+      for (std::size_t j = cols; j < ld; ++j) buf[i * ld + j] = T(0);
+  }
+  T* data() { return buf.get(); }
+};
 
 }  // namespace
 
@@ -260,9 +287,15 @@ template <class T>
 SinkhornResult sinkhorn(const T* X, std::size_t n, const T* Y, std::size_t m, std::size_t d,
                         const double* a, const double* b, const SinkhornOptions& opt) {
   const int threads = resolve_threads(opt.threads);
+  using clock = std::chrono::steady_clock;
+  const auto t_start = clock::now();
+  auto seconds = [](clock::time_point a, clock::time_point b) {
+    return std::chrono::duration<double>(b - a).count();
+  };
   const std::size_t ldn = padded(n), ldm = padded(m);
   // Cost matrices, zero padded to whole vectors.
-  std::vector<T> Cxy(n * ldm, T(0)), Cyx(m * ldn, T(0)), Cxx, Cyy;
+  // Uninitialised storage (every entry is written), zero pads past the last column.
+  Matrix<T> Cxy(n, m, ldm), Cyx(m, n, ldn), Cxx, Cyy;
   std::vector<T> Xc, Yc;
   const T* Xs = X;
   const T* Ys = Y;
@@ -276,16 +309,16 @@ SinkhornResult sinkhorn(const T* X, std::size_t n, const T* Y, std::size_t m, st
   }
   transpose(Cxy.data(), n, m, ldm, Cyx.data(), ldn, threads);
   if (opt.debias) {
-    Cxx.assign(n * ldn, T(0));
-    Cyy.assign(m * ldm, T(0));
+    Cxx.reset(n, n, ldn);
+    Cyy.reset(m, m, ldm);
     if (opt.cost == kSqEuclidean) {
       sqdist_matrix(Xs, n, Xs, n, d, true, Cxx.data(), ldn, threads);
       sqdist_matrix(Ys, m, Ys, m, d, true, Cyy.data(), ldm, threads);
     } else {
       cost_matrix(X, n, X, n, d, opt.cost, Cxx.data(), ldn, threads);
       cost_matrix(Y, m, Y, m, d, opt.cost, Cyy.data(), ldm, threads);
-      for (std::size_t i = 0; i < n; ++i) Cxx[i * ldn + i] = T(0);
-      for (std::size_t i = 0; i < m; ++i) Cyy[i * ldm + i] = T(0);
+      for (std::size_t i = 0; i < n; ++i) Cxx.data()[i * ldn + i] = T(0);
+      for (std::size_t i = 0; i < m; ++i) Cyy.data()[i * ldm + i] = T(0);
     }
   }
 
@@ -298,10 +331,15 @@ SinkhornResult sinkhorn(const T* X, std::size_t n, const T* Y, std::size_t m, st
   Softmin<T> Tyy(opt.debias ? Cyy.data() : nullptr, m, m, ldm);
 
   // Annealing schedule: from the largest cost down to eps by the factor `scaling`.
-  double eps0 = static_cast<double>(max_entry(Cxy, n, m, ldm));
-  if (opt.debias) {
-    eps0 = std::max(eps0, static_cast<double>(max_entry(Cxx, n, n, ldn)));
-    eps0 = std::max(eps0, static_cast<double>(max_entry(Cyy, m, m, ldm)));
+  // Upper bound of every cost: (2 max radius)^2 around the common mean for squared Euclidean
+  // (triangle inequality), 2 for the cosine cost.
+  double eps0 = 2.0;
+  if (opt.cost == kSqEuclidean) {
+    const auto rx = sqnorms(Xs, n, d), ry = sqnorms(Ys, m, d);
+    double r2 = 0.0;
+    for (std::size_t i = 0; i < n; ++i) r2 = std::max(r2, static_cast<double>(rx[i]));
+    for (std::size_t j = 0; j < m; ++j) r2 = std::max(r2, static_cast<double>(ry[j]));
+    eps0 = 4.0 * r2;
   }
   std::vector<double> schedule;
   for (double e = eps0; e > opt.eps && schedule.size() < 10000; e *= opt.scaling) schedule.push_back(e);
@@ -309,6 +347,8 @@ SinkhornResult sinkhorn(const T* X, std::size_t n, const T* Y, std::size_t m, st
 
   SinkhornResult res;
   res.eps0 = schedule.front();
+  const auto t_cost = clock::now();
+  res.seconds_cost = seconds(t_start, t_cost);
   std::vector<double> zn(n, 0.0), zm(m, 0.0);
   std::vector<double> &f = res.f, &g = res.g, &p = res.p, &q = res.q;
   std::vector<double> ft, gt, pt, qt;
@@ -336,6 +376,8 @@ SinkhornResult sinkhorn(const T* X, std::size_t n, const T* Y, std::size_t m, st
     ++res.anneal_steps;
   }
 
+  const auto t_anneal = clock::now();
+  res.seconds_anneal = seconds(t_cost, t_anneal);
   // At the target eps: alternating updates for (f, g); averaged symmetric updates for p and q.
   // Each problem stops on its own once its L1 marginal error is below tol.
   const double eps = opt.eps;
@@ -376,6 +418,7 @@ SinkhornResult sinkhorn(const T* X, std::size_t n, const T* Y, std::size_t m, st
     res.iterations = it + 1;
   }
   res.converged = done_xy && done_xx && done_yy;
+  res.seconds_final = seconds(t_anneal, clock::now());
   return res;
 }
 
