@@ -4,7 +4,9 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <limits>
 #include <memory>
 #include <numeric>
@@ -422,62 +424,130 @@ SinkhornResult sinkhorn(const T* X, std::size_t n, const T* Y, std::size_t m, st
   return res;
 }
 
-double wasserstein_1d(const double* u, std::size_t n, const double* uw, const double* v,
-                      std::size_t m, const double* vw, double p) {
-  // Sorted values with their normalised weights.
-  auto prep = [](const double* x, std::size_t k, const double* w, std::vector<double>& xs,
-                 std::vector<double>& ws) {
-    xs.resize(k);
-    ws.resize(k);
-    if (!w) {
-      std::copy(x, x + k, xs.begin());
-      std::sort(xs.begin(), xs.end());
-      std::fill(ws.begin(), ws.end(), 1.0 / static_cast<double>(k));
-      return;
+namespace {
+
+// Order-preserving map of floats to unsigned integers (negative values flipped).
+inline std::uint32_t sort_key(float x) {
+  std::uint32_t b;
+  std::memcpy(&b, &x, 4);
+  return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
+}
+inline std::uint64_t sort_key(double x) {
+  std::uint64_t b;
+  std::memcpy(&b, &x, 8);
+  return (b & 0x8000000000000000ull) ? ~b : (b | 0x8000000000000000ull);
+}
+
+// LSD radix sort of x[0:k] (11-bit digits: 3 passes for float, 6 for double), carrying the
+// original index when idx is requested. Stable, O(k), no data-dependent branches: several
+// times faster than a comparison sort on the short random rows of sliced Wasserstein.
+template <class T>
+void radix_sort(const T* x, std::size_t k, std::vector<T>& out, std::vector<std::uint32_t>* idx) {
+  using K = std::conditional_t<sizeof(T) == 4, std::uint32_t, std::uint64_t>;
+  constexpr int kBits = 11, kPasses = (8 * sizeof(T) + kBits - 1) / kBits;
+  constexpr std::size_t kBuckets = std::size_t(1) << kBits;
+  std::vector<K> a(k), b(k);
+  std::vector<std::uint32_t> ia, ib;
+  for (std::size_t i = 0; i < k; ++i) a[i] = sort_key(x[i]);
+  if (idx) {
+    ia.resize(k);
+    ib.resize(k);
+    for (std::size_t i = 0; i < k; ++i) ia[i] = static_cast<std::uint32_t>(i);
+  }
+  std::vector<std::size_t> count(kBuckets);
+  for (int pass = 0; pass < kPasses; ++pass) {
+    const int shift = pass * kBits;
+    std::fill(count.begin(), count.end(), 0);
+    for (std::size_t i = 0; i < k; ++i) ++count[(a[i] >> shift) & (kBuckets - 1)];
+    if (count[(a[0] >> shift) & (kBuckets - 1)] == k) continue;  // one digit value: no-op pass
+    std::size_t sum = 0;
+    for (auto& c : count) {
+      const std::size_t t = c;
+      c = sum;
+      sum += t;
     }
-    std::vector<std::size_t> idx(k);
-    std::iota(idx.begin(), idx.end(), std::size_t(0));
-    std::sort(idx.begin(), idx.end(), [&](std::size_t i, std::size_t j) { return x[i] < x[j]; });
-    double tot = 0.0;
-    for (std::size_t i = 0; i < k; ++i) tot += w[i];
     for (std::size_t i = 0; i < k; ++i) {
-      xs[i] = x[idx[i]];
-      ws[i] = w[idx[i]] / tot;
+      const std::size_t pos = count[(a[i] >> shift) & (kBuckets - 1)]++;
+      b[pos] = a[i];
+      if (idx) ib[pos] = ia[i];
     }
-  };
-  std::vector<double> us, uws, vs, vws;
-  prep(u, n, uw, us, uws);
-  prep(v, m, vw, vs, vws);
-  // W_p^p = int_0^1 |F^-1(t) - G^-1(t)|^p dt over the merged quantile levels.
+    a.swap(b);
+    if (idx) ia.swap(ib);
+  }
+  out.resize(k);
+  for (std::size_t i = 0; i < k; ++i) {
+    const K key = (a[i] & (K(1) << (8 * sizeof(T) - 1))) ? (a[i] & ~(K(1) << (8 * sizeof(T) - 1)))
+                                                         : ~a[i];
+    std::memcpy(&out[i], &key, sizeof(T));
+  }
+  if (idx) idx->swap(ia);
+}
+
+// Sorted values and their normalised weights (empty ws = uniform).
+template <class T>
+void sorted_sample(const T* x, std::size_t k, const double* w, std::vector<T>& xs,
+                   std::vector<double>& ws) {
+  if (!w) {
+    radix_sort(x, k, xs, nullptr);
+    ws.clear();
+    return;
+  }
+  std::vector<std::uint32_t> idx;
+  radix_sort(x, k, xs, &idx);
+  double tot = 0.0;
+  for (std::size_t i = 0; i < k; ++i) tot += w[i];
+  ws.resize(k);
+  for (std::size_t i = 0; i < k; ++i) ws[i] = w[idx[i]] / tot;
+}
+
+// W_p^p = int_0^1 |F^-1(t) - G^-1(t)|^p dt over the merged quantile levels of two sorted samples.
+template <class T>
+double w1d_sorted(const std::vector<T>& us, const std::vector<double>& uw,
+                  const std::vector<T>& vs, const std::vector<double>& vw, double p) {
+  const std::size_t n = us.size(), m = vs.size();
+  auto wu = [&](std::size_t i) { return uw.empty() ? 1.0 / static_cast<double>(n) : uw[i]; };
+  auto wv = [&](std::size_t j) { return vw.empty() ? 1.0 / static_cast<double>(m) : vw[j]; };
   std::size_t i = 0, j = 0;
-  double cu = uws[0], cv = vws[0], t0 = 0.0, total = 0.0;
+  double cu = wu(0), cv = wv(0), t0 = 0.0, total = 0.0;
   while (i < n && j < m) {
     const double t = std::min(cu, cv);
-    const double diff = std::fabs(us[i] - vs[j]);
+    const double diff = std::fabs(static_cast<double>(us[i]) - static_cast<double>(vs[j]));
     const double c = p == 1.0 ? diff : (p == 2.0 ? diff * diff : std::pow(diff, p));
     if (t > t0) total += (t - t0) * c;
     t0 = std::max(t0, t);
     if (cu <= cv) {
-      if (++i < n) cu += uws[i];
+      if (++i < n) cu += wu(i);
     } else {
-      if (++j < m) cv += vws[j];
+      if (++j < m) cv += wv(j);
     }
   }
   return total;
+}
+
+}  // namespace
+
+double wasserstein_1d(const double* u, std::size_t n, const double* uw, const double* v,
+                      std::size_t m, const double* vw, double p) {
+  std::vector<double> us, vs, uws, vws;
+  sorted_sample(u, n, uw, us, uws);
+  sorted_sample(v, m, vw, vs, vws);
+  return w1d_sorted(us, uws, vs, vws, p);
 }
 
 template <class T>
 void sliced(const T* X, std::size_t n, const T* Y, std::size_t m, std::size_t d, const double* a,
             const double* b, const T* P, std::size_t L, double p, int threads, double* out) {
   threads = resolve_threads(threads);
-  std::vector<T> Xp(n * L + 1), Yp(m * L + 1);
-  cost_matrix<T>(X, n, P, L, d, kDot, Xp.data(), L, threads);
-  cost_matrix<T>(Y, m, P, L, d, kDot, Yp.data(), L, threads);
+  // Projections as rows (L x n): one contiguous row per direction for the sorts.
+  std::vector<T> Xp(L * n + 1), Yp(L * m + 1);
+  cost_matrix<T>(P, L, X, n, d, kDot, Xp.data(), n, threads);
+  cost_matrix<T>(P, L, Y, m, d, kDot, Yp.data(), m, threads);
   parallel_for(L, threads, [&](std::size_t l) {
-    std::vector<double> u(n), v(m);
-    for (std::size_t i = 0; i < n; ++i) u[i] = Xp[i * L + l];
-    for (std::size_t j = 0; j < m; ++j) v[j] = Yp[j * L + l];
-    out[l] = wasserstein_1d(u.data(), n, a, v.data(), m, b, p);
+    std::vector<T> us, vs;
+    std::vector<double> uws, vws;
+    sorted_sample(Xp.data() + l * n, n, a, us, uws);
+    sorted_sample(Yp.data() + l * m, m, b, vs, vws);
+    out[l] = w1d_sorted(us, uws, vs, vws, p);
   });
 }
 
