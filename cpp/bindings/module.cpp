@@ -8,6 +8,7 @@
 namespace py = pybind11;
 
 void register_combine(py::module_& m);
+void register_distances(py::module_& m);
 
 namespace {
 
@@ -45,4 +46,5 @@ PYBIND11_MODULE(_core, m) {
   }, py::arg("name"), "Make the kernels use the given level (must be available).");
 
   register_combine(m);
+  register_distances(m);
 }

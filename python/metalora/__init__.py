@@ -16,6 +16,10 @@ from .datasets import Dataset, DatasetError, load_dataset
 from .embed import Embedder, ModelNotInstalledError, TruncationWarning, embed
 from .signatures import SignatureCache, signature
 from .tokens import TokenSignature, token_signature
+from .distances import (METRICS, ConvergenceWarning, cost_matrix, distances, energy_distance,
+                        entropic_ot, gaussian_w2, js_divergence, kl_divergence, mean_cosine, mmd,
+                        pairwise_distances, random_projections, sinkhorn_divergence,
+                        sliced_wasserstein, token_histogram, token_mmd, wasserstein_1d)
 
 __version__ = "0.1.0"
 
@@ -50,4 +54,9 @@ __all__ = [
     "load_dataset",
     "signature",
     "token_signature",
+    # distances
+    "METRICS", "ConvergenceWarning", "cost_matrix", "distances", "energy_distance", "entropic_ot",
+    "gaussian_w2", "js_divergence", "kl_divergence", "mean_cosine", "mmd", "pairwise_distances",
+    "random_projections", "sinkhorn_divergence", "sliced_wasserstein", "token_histogram",
+    "token_mmd", "wasserstein_1d",
 ]
