@@ -9,7 +9,10 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from typing import Callable, Sequence
+import json
+import os
+from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
@@ -66,15 +69,301 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_generation(adapter, out: Path | None, quiet: bool) -> None:
+    gen = adapter.generation
+    if gen.demonstration:
+        from .demo import DEMO_NOTICE
+
+        print(DEMO_NOTICE)
+    if out is not None:
+        print(f"adapter written to {out}")
+    if quiet:
+        return
+    prov = adapter.provenance
+    r = prov.get("rank")
+    print(f"  {len(adapter.names)} modules, rank {r}, mode {prov['mode']}, distance {gen.distance}, "
+          f"operator {gen.operator} (tau {gen.tau:.3g})")
+    print("  drew on:")
+    for bank_id, w, d in gen.top(8):
+        print(f"    {bank_id:32s} coefficient {w:6.3f}   distance {d:.4g}")
+    used = sum(1 for w in gen.coefficients if w > 0)
+    if used > 8:
+        print(f"    ... and {used - 8} more with smaller coefficients")
+    print("  time: " + ", ".join(f"{k} {v:.2f}s" for k, v in gen.timings.items()))
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from .demo import demo_bank, example_dataset
+    from .generate import generate
+
+    if args.example and args.data:
+        raise UserError("give either --data FILE or --example, not both")
+    if not args.example and not args.data:
+        raise UserError("no dataset: pass --data FILE (JSONL rows with input/output) or --example")
+    data = example_dataset() if args.example else Path(args.data)
+    if not data.exists():
+        raise UserError(f"{data}: no such dataset file")
+    bank = Path(args.bank) if args.bank else demo_bank()
+    if args.example:
+        print(f"example dataset: {data} (a held-out toy task)")
+    if not args.bank:
+        print(f"bank: {bank} (the built-in demonstration bank; pass --bank DIR for a real one)")
+    tau = args.tau if args.tau == "auto" else float(args.tau)
+    adapter = generate(data, bank, distance=args.distance, operator=args.operator, tau=tau,
+                       mode=args.mode, rank=args.rank, top_k=args.top_k, out=Path(args.out),
+                       overwrite=args.overwrite, tokenizer=args.tokenizer, n=args.n,
+                       threads=args.threads, progress=not args.quiet)
+    _print_generation(adapter, Path(args.out).absolute(), args.quiet)
+    return 0
+
+
+def _cmd_bank_init(args: argparse.Namespace) -> int:
+    from .bank import MANIFEST
+
+    root = Path(args.dir)
+    if (root / MANIFEST).exists():
+        raise UserError(f"{root / MANIFEST} already exists")
+    root.mkdir(parents=True, exist_ok=True)
+    (root / MANIFEST).write_text("", encoding="utf-8")
+    print(f"empty bank created: {root / MANIFEST}; add adapters with `metalora bank add {root} "
+          f"--id ID --adapter DIR --dataset FILE`")
+    return 0
+
+
+def _cmd_bank_add(args: argparse.Namespace) -> int:
+    from .adapter import load_adapter
+    from .bank import MANIFEST, Bank
+    from .datasets import load_dataset
+
+    root = Path(args.bank)
+    manifest = root / MANIFEST
+    if not manifest.is_file():
+        raise UserError(f"{manifest}: no manifest; create the bank with `metalora bank init {root}`")
+    load_adapter(args.adapter)  # refuses what cannot be combined, naming the file
+    if args.dataset:
+        load_dataset(args.dataset)
+    line = {"id": args.id, "adapter": os.path.relpath(Path(args.adapter).absolute(), root.absolute())}
+    if args.dataset:
+        line["dataset"] = os.path.relpath(Path(args.dataset).absolute(), root.absolute())
+    text = manifest.read_text(encoding="utf-8")
+    new = text + ("" if not text or text.endswith("\n") else "\n") + json.dumps(line) + "\n"
+    tmp = manifest.with_name(f".{MANIFEST}.tmp")
+    tmp.write_text(new, encoding="utf-8")
+    try:
+        bank = Bank(tmp)  # the bank with the new line must still validate
+    except Exception:
+        tmp.unlink()
+        raise
+    tmp.replace(manifest)
+    print(f"added {args.id!r}: the bank now has {len(bank)} adapters")
+    return 0
+
+
+def _cmd_bank_index(args: argparse.Namespace) -> int:
+    from .bank import Bank
+    from .coefficients import NeuralOperator
+    from .distances import pairwise_distances
+    from .generate import (DEFAULT_PARAMS, NEURAL_OPERATOR_FILE, _as_query, _signature_kind,
+                           bank_signatures, parameter_gram)
+
+    bank = Bank(args.bank)
+    kind = _signature_kind(args.distance)
+    if kind == "tokens" and not args.tokenizer:
+        raise UserError(f"--distance {args.distance} needs --tokenizer tokenizer.json")
+    t = time.perf_counter()
+    sigs = bank_signatures(bank, kind=kind, tokenizer=args.tokenizer, progress=True)
+    print(f"signatures of {len(bank)} bank datasets cached ({time.perf_counter() - t:.1f}s)")
+    if args.neural:
+        t = time.perf_counter()
+        D = pairwise_distances([_as_query(s, args.distance) for s in sigs], metric=args.distance,
+                               **DEFAULT_PARAMS.get(args.distance, {}))
+        G = parameter_gram(bank)
+        op = NeuralOperator.fit(D, G, epochs=args.epochs)
+        root = bank.path if Path(bank.path).is_dir() else Path(bank.path).parent
+        op.meta["distance"] = args.distance
+        op.save(Path(root) / NEURAL_OPERATOR_FILE)
+        print(f"neural operator trained (leave-one-out error {op.meta['loo_error']:.4f}, "
+              f"{time.perf_counter() - t:.1f}s) and saved to {Path(root) / NEURAL_OPERATOR_FILE}")
+    return 0
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from .adapter import ADAPTER_CONFIG, load_adapter
+    from .bank import Bank
+
+    path = Path(args.path)
+    if not path.exists():
+        raise UserError(f"{path}: no such adapter or bank")
+    if path.is_dir() and (path / ADAPTER_CONFIG).exists():
+        a = load_adapter(path)
+        ranks = sorted(set(a.ranks.values()))
+        print(f"adapter {path}")
+        print(f"  base model  {a.base_model}")
+        print(f"  modules     {len(a.names)} ({', '.join(sorted({n.rsplit('.', 1)[-1] for n in a.names}))})")
+        print(f"  ranks       {ranks}")
+        print(f"  dtypes      {sorted(a.dtypes)}")
+        print(f"  size        {_human(a.nbytes)}")
+        prov = a.provenance
+        if prov:
+            if prov.get("demonstration_bank"):
+                print("  made from the DEMONSTRATION bank (not useful for a real LLM)")
+            print(f"  made by     metalora {prov.get('metalora_version')}: mode {prov.get('mode')}, "
+                  f"distance {prov.get('distance')}, operator {prov.get('operator')}")
+            top = sorted(prov.get("adapters", []), key=lambda e: -abs(e["weight"]))[:8]
+            for e in top:
+                print(f"    {e['id']:32s} coefficient {e['weight']:.4f}")
+        return 0
+    bank = Bank(path)
+    s = bank.summary()
+    print(f"bank {path}")
+    for k in ("adapters", "base_model", "task_type", "modules", "ranks", "dtypes"):
+        print(f"  {k:12s} {s[k]}")
+    print(f"  {'size':12s} {_human(s['bytes'])}")
+    print(f"  {'datasets':12s} {s['with_dataset']} of {s['adapters']} adapters point to one")
+    for k in bank.ids[:10]:
+        print(f"    {k:32s} {bank.dataset_path(k) or '(no dataset)'}")
+    if len(bank) > 10:
+        print(f"    ... and {len(bank) - 10} more")
+    return 0
+
+
+def _cmd_plot(args: argparse.Namespace) -> int:
+    from .adapter import ADAPTER_CONFIG, load_adapter
+
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise UserError("plotting needs matplotlib: pip install 'metalora[plot]'") from None
+    path, out = Path(args.path), Path(args.out)
+    if path.is_dir() and (path / ADAPTER_CONFIG).exists():
+        prov = load_adapter(path).provenance or {}
+        entries = sorted(prov.get("adapters", []), key=lambda e: -e["weight"])
+        if not entries:
+            raise UserError(f"{path}: no metalora provenance to plot (was it made by metalora?)")
+        fig, ax = plt.subplots(figsize=(8, 0.3 * len(entries) + 1.5))
+        ax.barh([e["id"] for e in entries][::-1], [e["weight"] for e in entries][::-1])
+        ax.set_xlabel("coefficient")
+        ax.set_title(f"{path.name}: {prov.get('distance')} / {prov.get('operator')} / {prov.get('mode')}")
+    else:
+        from .bank import Bank
+        from .distances import pairwise_distances
+        from .generate import DEFAULT_PARAMS, _as_query, _signature_kind, bank_signatures
+
+        bank = Bank(path)
+        if _signature_kind(args.distance) != "embedding":
+            raise UserError("bank heatmaps use an embedding distance (e.g. --distance sinkhorn)")
+        sigs = bank_signatures(bank, progress=True)
+        D = pairwise_distances([_as_query(s, args.distance) for s in sigs], metric=args.distance,
+                               **DEFAULT_PARAMS.get(args.distance, {}))
+        fig, ax = plt.subplots(figsize=(1 + 0.35 * len(bank), 0.8 + 0.35 * len(bank)))
+        im = ax.imshow(D, cmap="viridis")
+        ax.set_xticks(range(len(bank)), bank.ids, rotation=90, fontsize=7)
+        ax.set_yticks(range(len(bank)), bank.ids, fontsize=7)
+        fig.colorbar(im, ax=ax, label=args.distance)
+        ax.set_title(f"bank distances ({args.distance})")
+    fig.tight_layout()
+    tmp = out.with_name(f".{out.name}.tmp.png")
+    fig.savefig(tmp, dpi=120)
+    tmp.replace(out)
+    print(f"plot written to {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from .coefficients import OPERATORS
+    from .distances import METRICS
+
     parser = argparse.ArgumentParser(
         prog="metalora",
         description="Make a LoRA adapter for a new task on a CPU, without gradient training, "
-                    "by combining a bank of existing adapters.")
+                    "by combining a bank of existing adapters chosen by dataset distance.",
+        epilog="Start with `metalora generate --example --out my-adapter` (built-in "
+               "demonstration bank); `metalora COMMAND --help` explains each command.")
     parser.add_argument("--version", action="version", version=f"metalora {__version__}")
     parser.add_argument("--isa", choices=["serial", "avx2", "avx512", "neon"],
                         help="force a SIMD level (default: the best this CPU has)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser(
+        "generate", help="make an adapter for a dataset from a bank",
+        description="Embed the dataset, measure its distance to every bank adapter's dataset, turn "
+                    "the distances into coefficients and combine the bank's factors into a PEFT "
+                    "adapter directory. Without --bank the built-in demonstration bank is used.")
+    p.add_argument("--data", metavar="FILE", help="dataset: JSONL rows with 'input' and 'output' "
+                   "(also JSON, CSV, Parquet, BIG-bench task.json)")
+    p.add_argument("--example", action="store_true",
+                   help="use the demonstration bank's held-out example task as the dataset")
+    p.add_argument("--out", metavar="DIR", required=True, help="adapter directory to write")
+    p.add_argument("--bank", metavar="DIR", help="bank directory or bank.jsonl (default: the "
+                   "demonstration bank)")
+    p.add_argument("--distance", choices=list(METRICS), default="sinkhorn",
+                   help="dataset distance (default: sinkhorn divergence of the embeddings)")
+    p.add_argument("--operator", choices=list(OPERATORS), default="normalized",
+                   help="distances -> coefficients (default: normalized softmin)")
+    p.add_argument("--tau", default="1.0", help="softmin temperature, or 'auto' (leave-one-out "
+                   "on the bank); default 1.0")
+    p.add_argument("--mode", choices=list(MODES), default="svd",
+                   help="how factors combine (default: svd, exact sum recompressed)")
+    p.add_argument("--rank", type=int, help="output rank for --mode svd (default: the bank's rank)")
+    p.add_argument("--top-k", type=int, help="use only the k adapters with the largest coefficients")
+    p.add_argument("--tokenizer", metavar="FILE", help="base model's tokenizer.json (token distances)")
+    p.add_argument("--n", type=int, help="subsample every dataset to n examples")
+    p.add_argument("--threads", type=int, default=0, help="threads (0 = all cores)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
+    p.add_argument("--quiet", action="store_true", help="print only where the adapter went")
+    p.set_defaults(func=_cmd_generate)
+
+    bank = sub.add_parser("bank", help="create, extend and index a bank",
+                          description="Manage a bank: a directory with bank.jsonl listing adapters "
+                                      "and the datasets they were trained on.")
+    bsub = bank.add_subparsers(dest="bank_command", metavar="ACTION", required=True)
+    p = bsub.add_parser("init", help="create an empty bank", description="Create DIR/bank.jsonl.")
+    p.add_argument("dir", metavar="DIR")
+    p.set_defaults(func=_cmd_bank_init)
+    p = bsub.add_parser("add", help="add an adapter and its dataset",
+                        description="Validate the adapter (and its compatibility with the bank) and "
+                                    "append it to bank.jsonl.")
+    p.add_argument("bank", metavar="BANK")
+    p.add_argument("--id", required=True, help="unique id of the adapter in the bank")
+    p.add_argument("--adapter", required=True, metavar="DIR", help="PEFT adapter directory")
+    p.add_argument("--dataset", metavar="FILE", help="dataset the adapter was trained on")
+    p.set_defaults(func=_cmd_bank_add)
+    p = bsub.add_parser("index", help="cache the bank's signatures (and train the neural operator)",
+                        description="Compute and cache the signature of every bank dataset, so "
+                                    "that generate only embeds the new dataset. --neural also "
+                                    "trains the neural operator (needs torch) and saves it in the "
+                                    "bank directory.")
+    p.add_argument("bank", metavar="BANK")
+    p.add_argument("--distance", choices=list(METRICS), default="sinkhorn")
+    p.add_argument("--tokenizer", metavar="FILE")
+    p.add_argument("--neural", action="store_true", help="train the neural operator")
+    p.add_argument("--epochs", type=int, default=400)
+    p.set_defaults(func=_cmd_bank_index)
+
+    p = sub.add_parser("inspect", help="summarise an adapter or a bank",
+                       description="Modules, ranks, dtypes, size, provenance and top coefficients "
+                                   "of an adapter directory; or a bank's summary.")
+    p.add_argument("path", metavar="PATH")
+    p.set_defaults(func=_cmd_inspect)
+
+    p = sub.add_parser("plot", help="coefficient bar chart or bank distance heatmap (PNG)",
+                       description="For an adapter made by metalora: its coefficients. For a bank: "
+                                   "the heatmap of distances between its datasets. Needs matplotlib.")
+    p.add_argument("path", metavar="PATH")
+    p.add_argument("--out", required=True, metavar="PNG")
+    p.add_argument("--distance", choices=list(METRICS), default="sinkhorn")
+    p.set_defaults(func=_cmd_plot)
 
     p = sub.add_parser("info", help="show the build's SIMD levels and threads",
                        description="Show compiled/available/active SIMD levels and threads.")
@@ -90,17 +379,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0, help="threads (0 = all cores)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_demo)
-
-    for register in EXTRA_COMMANDS:
-        register(sub)
     return parser
 
 
-#: Functions that add subcommands: register(subparsers) -> None.
-EXTRA_COMMANDS: list[Callable] = []
-
-
 def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``metalora`` command; returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "command", None):
@@ -110,9 +393,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.isa:
             set_isa(args.isa)
         return int(args.func(args) or 0)
-    except (UserError, ValueError, TypeError, FileNotFoundError, NotADirectoryError,
-            FileExistsError, OverflowError) as exc:
-        print(f"metalora {args.command}: error: {exc}", file=sys.stderr)
+    except (UserError, ValueError, TypeError, OSError, ImportError, OverflowError) as exc:
+        msg = " ".join(str(exc).split()) if not isinstance(exc, ValueError) or "\n" not in str(exc) \
+            else str(exc).splitlines()[0] + " (more: see the lines above)"
+        print(f"metalora {args.command}: error: {msg}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("metalora: interrupted", file=sys.stderr)

@@ -154,8 +154,9 @@ def _check_finite(m: _Module, arrays: Sequence[np.ndarray]) -> None:
     """Raise naming the adapter whose factors hold NaN/Inf when a result is not finite."""
     # One summing pass without temporaries; a non-finite sum can also come from finite values
     # that overflow, so only then pay for the exact elementwise check.
-    if all(np.isfinite(np.add.reduce(x, axis=None)) or np.isfinite(x).all() for x in arrays):
-        return
+    with np.errstate(invalid="ignore", over="ignore"):
+        if all(np.isfinite(np.add.reduce(x, axis=None)) or np.isfinite(x).all() for x in arrays):
+            return
     where = f"module {m.name!r}: " if m.name else ""
     for j, a, b in zip(m.used, m.A, m.B):
         for x, nm in ((a, "A"), (b, "B")):

@@ -1,0 +1,246 @@
+r"""The main job, end to end: a dataset and a bank in, a new LoRA adapter out.
+
+.. code-block:: text
+
+    dataset ──signature──▶ s ─┐
+                              ├─ distances ──▶ d[j] ── operator ──▶ w[j] ── combine ──▶ adapter
+    bank datasets ─(cached)─▶ s_j ┘                                  (bank factors, mmap)
+
+Embedding metrics (``sinkhorn``, ``sliced_wasserstein``, ``mmd``, ``energy``, ``gaussian_w2``,
+``mean_cosine``) compare sentence-embedding clouds; the paper's token metrics
+(``wasserstein_1d``, ``token_mmd``, ``kl``, ``js``) compare token-id samples or vocabulary
+histograms under the base model's tokenizer (``tokenizer=``).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Union
+
+import numpy as np
+
+from .adapter import Adapter
+from .bank import Bank, combine_adapters
+from .coefficients import OPERATORS, NeuralOperator, coefficients, select_temperature
+from .datasets import Dataset, load_dataset
+from .distances import METRICS, distances, pairwise_distances
+
+__all__ = ["generate", "Generation", "bank_signatures", "parameter_gram", "NEURAL_OPERATOR_FILE",
+           "EMBEDDING_METRICS", "TOKEN_METRICS"]
+
+EMBEDDING_METRICS = tuple(m for m, (kind, _) in METRICS.items() if kind == "cloud")
+TOKEN_METRICS = tuple(m for m, (kind, _) in METRICS.items() if kind != "cloud")
+#: Where ``metalora bank index --neural`` saves a bank's trained neural operator.
+NEURAL_OPERATOR_FILE = "neural_operator.onnx"
+#: Default options per metric: entropic blur suited to unit-norm embeddings, and so on.
+DEFAULT_PARAMS: Dict[str, dict] = {"sinkhorn": {"eps": 0.05}, "sliced_wasserstein": {"seed": 0},
+                                   "token_mmd": {"seed": 0}}
+
+
+@dataclass
+class Generation:
+    """What :func:`generate` decided and how long each stage took."""
+
+    ids: List[str]
+    distances: np.ndarray
+    coefficients: np.ndarray
+    distance: str
+    operator: str
+    tau: float
+    timings: Dict[str, float] = field(default_factory=dict)
+    demonstration: bool = False
+
+    def top(self, k: int = 8) -> List[tuple]:
+        """The k largest coefficients as ``(id, coefficient, distance)``."""
+        order = np.argsort(-self.coefficients, kind="stable")[:k]
+        return [(self.ids[i], float(self.coefficients[i]), float(self.distances[i]))
+                for i in order if self.coefficients[i] > 0]
+
+
+def _signature_kind(metric: str) -> str:
+    return "embedding" if METRICS[metric][0] == "cloud" else "tokens"
+
+
+def _as_query(sig: Any, metric: str) -> Any:
+    """The form a metric reads: clouds as they are; token signatures as ids or histograms."""
+    if _signature_kind(metric) == "embedding":
+        return sig
+    if metric in ("kl", "js"):
+        return sig.histogram(density=True)
+    return sig.ids
+
+
+def bank_signatures(bank: Bank, *, kind: str = "embedding", embedder=None, tokenizer=None,
+                    cache: Any = True, n: Optional[int] = None, seed: int = 0,
+                    progress: bool = True) -> list:
+    """Signatures of every bank adapter's dataset (from the cache when already computed).
+
+    Raises a ValueError naming the adapters whose manifest entry has no ``dataset``.
+    """
+    from .signatures import signature
+
+    missing = [k for k in bank.ids if bank.dataset_path(k) is None]
+    if missing:
+        raise ValueError(f"bank adapters {missing[:5]} have no dataset: add a \"dataset\" path to "
+                         f"their line of the bank's {'bank.jsonl'} manifest")
+    sigs = []
+    t0 = time.perf_counter()
+    for i, k in enumerate(bank.ids):
+        sigs.append(signature(bank.dataset_path(k), kind=kind, embedder=embedder,
+                              tokenizer=tokenizer, cache=cache, n=n, seed=seed))
+        if progress and time.perf_counter() - t0 > 2.0:
+            print(f"\r  bank signatures {i + 1}/{len(bank)}", end="", flush=True)
+    if progress and time.perf_counter() - t0 > 2.0:
+        print()
+    return sigs
+
+
+def parameter_gram(bank: Bank) -> np.ndarray:
+    r"""``G[i, j] = <theta_i, theta_j>`` with :math:`\theta` all lora_A and lora_B entries.
+
+    The leave-one-out error of an operator (:func:`metalora.coefficients.loo_errors`) needs only
+    this matrix. Computed module by module in float64 from the memory-mapped factors.
+    """
+    from ._arrays import BFLOAT16
+
+    K = len(bank)
+    G = np.zeros((K, K))
+    for m in bank.modules:
+        for which in (0, 1):
+            rows = []
+            for k in bank.ids:
+                x = bank[k].factors(m)[which]
+                if x.dtype == np.uint16:
+                    x = x.view(BFLOAT16)
+                rows.append(np.asarray(x, dtype=np.float32).reshape(-1))
+            X = np.stack(rows).astype(np.float64)
+            G += X @ X.T
+    return G
+
+
+def _resolve_tau(tau: Union[float, str], bank: Bank, metric: str, sigs: list, operator: str,
+                 top_k: Optional[int], model, params: dict, threads: int) -> float:
+    if tau != "auto":
+        return float(tau)
+    if len(bank) < 3:
+        raise ValueError("tau='auto' needs a bank of at least 3 adapters (leave-one-out)")
+    D = pairwise_distances([_as_query(s, metric) for s in sigs], metric=metric, threads=threads,
+                           **params)
+    return float(select_temperature(D, parameter_gram(bank), operator=operator, top_k=top_k,
+                                    model=model))
+
+
+def generate(dataset: Union[str, Path, Dataset], bank: Union[str, Path, Bank], *,
+             distance: str = "sinkhorn", operator: str = "normalized",
+             tau: Union[float, str] = 1.0, mode: str = "svd", rank: Optional[int] = None,
+             top_k: Optional[int] = None, out: Union[str, Path, None] = None,
+             overwrite: bool = False, embedder=None, tokenizer=None, cache: Any = True,
+             n: Optional[int] = None, seed: int = 0, threads: int = 0,
+             distance_params: Optional[dict] = None, progress: bool = False) -> Adapter:
+    r"""Make a LoRA adapter for ``dataset`` from ``bank``, without gradient training.
+
+    Parameters
+    ----------
+    dataset : path or Dataset
+        The new task's examples (JSONL with ``input``/``output``, JSON, CSV, Parquet, BIG-bench
+        ``task.json``; see :func:`metalora.load_dataset`).
+    bank : path or Bank
+        Adapters with a pointer to the dataset each was trained on (``bank.jsonl``).
+    distance : str
+        An embedding metric (``sinkhorn`` default, ``sliced_wasserstein``, ``mmd``, ``energy``,
+        ``gaussian_w2``, ``mean_cosine``) or a token metric of the paper (``wasserstein_1d``,
+        ``token_mmd``, ``kl``, ``js``; these need ``tokenizer=`` the base model's tokenizer.json).
+    operator : {"normalized", "attentional", "neural"}
+        Distances to coefficients (:func:`metalora.coefficients`). ``neural`` loads the bank's
+        trained operator (``metalora bank index --neural``).
+    tau : float or "auto"
+        Temperature; ``"auto"`` picks it by leave-one-out on the bank.
+    mode, rank : see :func:`metalora.combine`. top_k : keep the k largest coefficients.
+    out : path, optional
+        Write the PEFT adapter directory there (atomically; ``overwrite`` to replace).
+    embedder, cache, n, seed, threads, distance_params
+        Signature and distance options: a custom :class:`metalora.Embedder`, the signature
+        cache, subsampling to ``n`` examples, OpenMP threads, extra metric options.
+
+    Returns
+    -------
+    Adapter
+        The combined adapter. ``adapter.generation`` (:class:`Generation`) holds the bank ids,
+        distances, coefficients and the time of each stage; ``adapter.provenance`` is what is
+        written to ``metalora.json``.
+    """
+    timings: Dict[str, float] = {}
+    t = time.perf_counter()
+    if distance not in METRICS:
+        raise ValueError(f"distance={distance!r} is not one of {tuple(METRICS)}")
+    if operator not in OPERATORS:
+        raise ValueError(f"operator={operator!r} is not one of {OPERATORS}")
+    if not (tau == "auto" or (isinstance(tau, (int, float)) and tau > 0)):
+        raise ValueError(f"tau must be a positive number or 'auto', got {tau!r}")
+    kind = _signature_kind(distance)
+    if kind == "tokens" and tokenizer is None:
+        raise ValueError(f"distance={distance!r} compares token ids: pass tokenizer= the base "
+                         f"model's tokenizer.json (or use an embedding metric such as 'sinkhorn')")
+    if not isinstance(bank, Bank):
+        bank = Bank(bank)
+    if isinstance(dataset, (str, Path)):
+        dataset = load_dataset(dataset)
+    model = None
+    if operator == "neural":
+        path = None if bank.path is None else Path(bank.path)
+        path = path if path is None or path.is_dir() else path.parent
+        if path is None or not (path / NEURAL_OPERATOR_FILE).is_file():
+            raise ValueError("operator='neural' needs a trained operator saved with the bank: run "
+                             "`metalora bank index BANK --neural` first")
+        model = NeuralOperator.load(path / NEURAL_OPERATOR_FILE)
+    timings["load"] = time.perf_counter() - t
+
+    from .signatures import signature
+
+    t = time.perf_counter()
+    query = signature(dataset, kind=kind, embedder=embedder, tokenizer=tokenizer, cache=cache,
+                      n=n, seed=seed)
+    sigs = bank_signatures(bank, kind=kind, embedder=embedder, tokenizer=tokenizer, cache=cache,
+                           n=n, seed=seed, progress=progress)
+    timings["signatures"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    params = dict(DEFAULT_PARAMS.get(distance, {}), **(distance_params or {}))
+    d = distances(_as_query(query, distance), [_as_query(s, distance) for s in sigs],
+                  metric=distance, threads=threads, **params)
+    timings["distances"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    tau_value = _resolve_tau(tau, bank, distance, sigs, operator, top_k, model, params, threads)
+    w = coefficients(d, operator=operator, tau=tau_value, top_k=top_k, model=model)
+    timings["operator"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    gen = Generation(ids=list(bank.ids), distances=d, coefficients=w, distance=distance,
+                     operator=operator, tau=tau_value, timings=timings,
+                     demonstration=bool(bank.path is not None and _is_demo(bank.path)))
+    prov = {"distance": distance, "distance_params": params, "operator": operator,
+            "tau": tau_value, "tau_auto": tau == "auto",
+            "dataset": {"source": None if dataset.source is None else str(dataset.source),
+                        "examples": len(dataset), "content_hash": dataset.content_hash()},
+            "distances": {k: float(v) for k, v in zip(bank.ids, d)}, "timings_s": timings}
+    if gen.demonstration:
+        prov["demonstration_bank"] = True
+    adapter = combine_adapters(bank, w, mode=mode, rank=rank, threads=threads, provenance=prov)
+    timings["combine"] = time.perf_counter() - t
+
+    if out is not None:
+        t = time.perf_counter()
+        adapter.save(out, overwrite=overwrite)
+        timings["write"] = time.perf_counter() - t
+    adapter.generation = gen
+    return adapter
+
+
+def _is_demo(path: Union[str, Path]) -> bool:
+    p = Path(path)
+    marker = (p if p.is_dir() else p.parent) / "DEMONSTRATION_BANK"
+    return marker.exists()
