@@ -110,7 +110,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         print(f"bank: {bank} (the built-in demonstration bank; pass --bank DIR for a real one)")
     tau = args.tau if args.tau == "auto" else float(args.tau)
     adapter = generate(data, bank, distance=args.distance, operator=args.operator, tau=tau,
-                       mode=args.mode, rank=args.rank, top_k=args.top_k, out=Path(args.out),
+                       mode=args.mode, rank=args.rank,
+                       top_k=None if args.top_k == "all" else int(args.top_k), out=Path(args.out),
                        overwrite=args.overwrite, tokenizer=args.tokenizer, n=args.n,
                        threads=args.threads, progress=not args.quiet)
     _print_generation(adapter, Path(args.out).absolute(), args.quiet)
@@ -316,7 +317,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=list(MODES), default="svd",
                    help="how factors combine (default: svd, exact sum recompressed)")
     p.add_argument("--rank", type=int, help="output rank for --mode svd (default: the bank's rank)")
-    p.add_argument("--top-k", type=int, help="use only the k adapters with the largest coefficients")
+    p.add_argument("--top-k", default="16", help="use only the k adapters with the largest "
+                   "coefficients (default 16; 'all' for every adapter, as in the paper)")
     p.add_argument("--tokenizer", metavar="FILE", help="base model's tokenizer.json (token distances)")
     p.add_argument("--n", type=int, help="subsample every dataset to n examples")
     p.add_argument("--threads", type=int, default=0, help="threads (0 = all cores)")

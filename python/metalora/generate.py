@@ -136,7 +136,7 @@ def _resolve_tau(tau: Union[float, str], bank: Bank, metric: str, sigs: list, op
 def generate(dataset: Union[str, Path, Dataset], bank: Union[str, Path, Bank], *,
              distance: str = "sinkhorn", operator: str = "normalized",
              tau: Union[float, str] = 1.0, mode: str = "svd", rank: Optional[int] = None,
-             top_k: Optional[int] = None, out: Union[str, Path, None] = None,
+             top_k: Optional[int] = 16, out: Union[str, Path, None] = None,
              overwrite: bool = False, embedder=None, tokenizer=None, cache: Any = True,
              n: Optional[int] = None, seed: int = 0, threads: int = 0,
              distance_params: Optional[dict] = None, progress: bool = False) -> Adapter:
@@ -158,7 +158,11 @@ def generate(dataset: Union[str, Path, Dataset], bank: Union[str, Path, Bank], *
         trained operator (``metalora bank index --neural``).
     tau : float or "auto"
         Temperature; ``"auto"`` picks it by leave-one-out on the bank.
-    mode, rank : see :func:`metalora.combine`. top_k : keep the k largest coefficients.
+    mode, rank : see :func:`metalora.combine`.
+    top_k : int or None
+        Keep the k largest coefficients (renormalised); default 16. ``None`` uses every adapter:
+        the paper's choice, cheap for ``linear`` but for ``svd``/``cat`` the cost grows with
+        :math:`(\sum_j r_j)^2`, so a large bank needs a ``top_k``.
     out : path, optional
         Write the PEFT adapter directory there (atomically; ``overwrite`` to replace).
     embedder, cache, n, seed, threads, distance_params
