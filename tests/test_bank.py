@@ -24,7 +24,8 @@ def test_directory_bank(tmp_path):
     (root / "notes").mkdir()  # a directory that is not an adapter is ignored
     bank = Bank(root)
     assert len(bank) == 3 and list(bank) == ["task000", "task001", "task002"]
-    assert "task001" in bank and bank.index("task002") == 2
+    assert "task001" in bank and bank.index("task002") == 2 and bank.index(-1) == 2
+    assert bank.keys() == bank.ids and bank.values()[1] is bank["task001"] is bank[1]
     assert bank["task001"].scalings[next(iter(SHAPES))] == 12 / 4
     assert bank.dataset_path("task000") is None
     s = bank.summary()
