@@ -277,6 +277,9 @@ def test_save_roundtrip(tmp_path, rng, dtype):
         k = next(iter(f))
         np.testing.assert_array_equal(g.get_tensor(f"{PREFIX}{k}.lora_A.weight"), f[k][0])
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o777 & ~umask
 
 
 def test_save_refuses_existing_and_overwrites_atomically(tmp_path, rng):

@@ -24,7 +24,8 @@ def test_directory_bank(tmp_path):
     (root / "notes").mkdir()  # a directory that is not an adapter is ignored
     bank = Bank(root)
     assert len(bank) == 3 and list(bank) == ["task000", "task001", "task002"]
-    assert "task001" in bank and bank.index("task002") == 2
+    assert "task001" in bank and bank.index("task002") == 2 and bank.index(-1) == 2
+    assert bank.keys() == bank.ids and bank.values()[1] is bank["task001"] is bank[1]
     assert bank["task001"].scalings[next(iter(SHAPES))] == 12 / 4
     assert bank.dataset_path("task000") is None
     s = bank.summary()
@@ -281,3 +282,23 @@ def test_extra_module_reported_on_the_odd_adapter(tmp_path):
         Bank(root)
     assert len(ei.value.problems) == 1
     assert Bank(root, modules="intersection").dropped_modules == ["model.layers.0.mlp.up_proj"]
+
+
+@pytest.mark.parametrize("mode", ["linear", "cat", "svd"])
+def test_mixed_dtypes_in_one_bank(tmp_path, mode):
+    root, truth = make_bank(tmp_path, n=3, dtype=BF16)
+    rng = np.random.default_rng(11)
+    for aid, dt in (("task001", np.float32), ("task002", np.float16)):
+        f = random_factors(rng)
+        shutil.rmtree(root / aid)
+        write_adapter(root / aid, f, base_config(lora_alpha=4), dtype=dt)
+        truth[aid] = ({k: (a.astype(dt).astype(np.float32), b.astype(dt).astype(np.float32))
+                       for k, (a, b) in f.items()}, 1.0)
+    bank = Bank(root)
+    assert bank.summary()["dtypes"] == {"bfloat16": 1, "float16": 1, "float32": 1}
+    w = {"task000": 0.5, "task001": 1.5, "task002": -0.75}
+    out = combine_adapters(bank, w, mode=mode, rank=12 if mode == "svd" else None)
+    if mode != "linear":  # linear is not the exact sum
+        ref = reference_delta(truth, w)
+        for name in SHAPES:
+            np.testing.assert_allclose(_delta(out, name), ref[name], rtol=1e-4, atol=1e-4)

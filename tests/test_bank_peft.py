@@ -116,3 +116,44 @@ def test_peft_loads_combined_adapter_and_computes_the_exact_sum(setup, mode, tmp
                for m in lora_layers)
     back = load_adapter(path)
     assert back.provenance["distance"] == "test" and len(back.provenance["adapters"]) == 3
+
+
+def test_peft_reads_per_module_ranks(setup, tmp_path):
+    """Adapters with rank_pattern/alpha_pattern: cat gives per-module ranks, written as an
+    escaped rank_pattern/alpha_pattern (scaling 1 everywhere) that PEFT applies as intended."""
+    root, base_dir, bank_dir = setup
+    model = _tiny_llama()
+    torch.manual_seed(7)
+    lcfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights=False,
+                           rank_pattern={"layers.1.self_attn.q_proj": 2, "up_proj": 6},
+                           alpha_pattern={"v_proj": 3}, task_type="CAUSAL_LM")
+    peft.get_peft_model(model, lcfg).save_pretrained(tmp_path / "bank" / "b_pattern")
+    import shutil
+
+    shutil.copytree(bank_dir / "a0", tmp_path / "bank" / "a0")
+    bank = Bank(tmp_path / "bank")
+    w = [0.5, -1.25]
+    out = combine_adapters(bank, w, mode="cat")
+    assert out.config["rank_pattern"]  # ranks differ per module
+    path = out.save(tmp_path / "out")
+
+    ids = torch.randint(0, 96, (1, 9), generator=torch.Generator().manual_seed(2))
+    base = transformers.LlamaForCausalLM.from_pretrained(base_dir).eval()
+    base_logits = _logits(base, ids)
+    got = _logits(peft.PeftModel.from_pretrained(base, str(path)).eval(), ids)
+    ref = transformers.LlamaForCausalLM.from_pretrained(base_dir).double().eval()
+    params = dict(ref.named_parameters())
+    for j, aid in enumerate(bank):
+        ad = bank[aid]
+        for m in ad.names:
+            with torch.no_grad():
+                params[m + ".weight"] += torch.from_numpy(w[j] * ad.delta(m))
+    want = _logits(ref, ids)
+    scale = np.abs(want).max()
+    assert np.abs(want - base_logits).max() > 1e3 * 2e-5 * scale
+    assert np.abs(got - want).max() <= 2e-5 * scale
+    # the pattern adapter's scalings were read as PEFT defines them
+    b = bank["b_pattern"]
+    assert b.scalings["model.layers.1.self_attn.q_proj"] == 8 / 2
+    assert b.scalings["model.layers.0.mlp.up_proj"] == 8 / 6
+    assert b.scalings["model.layers.0.self_attn.v_proj"] == 3 / 4

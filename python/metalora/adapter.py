@@ -528,6 +528,9 @@ class Adapter:
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=parent))
         old = None
         try:
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would hide the adapter from others
             meta = {"format": "pt"}
             if self.provenance is not None:
                 meta["metalora"] = json.dumps(self.provenance, sort_keys=True, default=_json_default)

@@ -272,6 +272,12 @@ class Bank:
         except KeyError:
             raise KeyError(f"no adapter with id {key!r} in the bank") from None
 
+    def keys(self) -> List[str]:
+        return list(self.ids)
+
+    def values(self) -> List[Adapter]:
+        return list(self._adapters)
+
     def items(self):
         return [(k, self._adapters[i]) for i, k in enumerate(self.ids)]
 
