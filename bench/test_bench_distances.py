@@ -50,7 +50,7 @@ def report():
         print(f"  {k:<{width}}  {v['seconds'] * 1e3:10.2f} ms  {extra}")
     out = pathlib.Path(__file__).parent / ".cache"
     out.mkdir(exist_ok=True)
-    (out / "distances.json").write_text(json.dumps(RESULTS, indent=1))
+    (out / "distances.json").write_text(json.dumps(RESULTS, indent=1, default=float))
 
 
 def _record(name, benchmark, **extra):
@@ -159,7 +159,7 @@ def test_sliced_metalora(benchmark, clouds):
     val = benchmark.pedantic(lambda: metalora.sliced_wasserstein(X, Y, projections=P), rounds=20,
                              warmup_rounds=2)
     ref = ot.sliced_wasserstein_distance(X, Y, projections=P.astype(np.float32))
-    _record("sliced/metalora 128 proj", benchmark, rel_vs_pot=abs(val - ref) / ref)
+    _record("sliced/metalora 128 proj", benchmark, rel_vs_pot=float(abs(val - ref) / ref))
 
 
 def test_sliced_pot(benchmark, clouds):

@@ -507,7 +507,8 @@ def energy_distance(X: Any, Y: Any, *, threads: int = 0) -> float:
 
 
 def _gaussian_stats(X: np.ndarray, ddof: int) -> tuple:
-    """Mean, a factor A with Sigma = A A^T ([d, r], r = min(n, d)), and trace(Sigma)."""
+    """Mean, the transposed factor F = A^T of Sigma = A A^T ([r, d], r = min(n, d), C-contiguous),
+    and trace(Sigma)."""
     X = X.astype(np.float64)
     n, d = X.shape
     if n - ddof <= 0:
@@ -515,18 +516,22 @@ def _gaussian_stats(X: np.ndarray, ddof: int) -> tuple:
     mu = X.mean(axis=0)
     Xc = X - mu
     if n <= d:
-        A = Xc.T / np.sqrt(n - ddof)
+        F = Xc / np.sqrt(n - ddof)
     else:
         S = Xc.T @ Xc / (n - ddof)
         w, V = np.linalg.eigh(S)
-        A = V * np.sqrt(np.clip(w, 0.0, None))
-    return mu, A, float((A * A).sum())
+        F = np.ascontiguousarray((V * np.sqrt(np.clip(w, 0.0, None))).T)
+    return mu, F, float((F * F).sum())
 
 
 def _gaussian_w2_stats(s1: tuple, s2: tuple) -> float:
-    mu1, A1, t1 = s1
-    mu2, A2, t2 = s2
-    nuc = np.linalg.svd(A1.T @ A2, compute_uv=False).sum()
+    mu1, F1, t1 = s1
+    mu2, F2, t2 = s2
+    # ||M||_* with M = A1^T A2 = F1 F2^T: the square roots of the eigenvalues of M M^T (a
+    # symmetric eigenproblem of the smaller side: about 3x faster than an SVD).
+    M = F1 @ F2.T
+    G = M @ M.T if M.shape[0] <= M.shape[1] else M.T @ M
+    nuc = np.sqrt(np.clip(np.linalg.eigvalsh(G), 0.0, None)).sum()
     return float(max(((mu1 - mu2) ** 2).sum() + t1 + t2 - 2.0 * nuc, 0.0))
 
 
@@ -538,8 +543,9 @@ def gaussian_w2(X: Any, Y: Any, *, ddof: int = 1) -> float:
 
     (what FID reports). The trace of the matrix square root equals the nuclear norm
     :math:`\|A_1^T A_2\|_*` for any factors :math:`\Sigma_k = A_k A_k^T`; we take
-    :math:`A = X_c^T/\sqrt{n - \mathrm{ddof}}` when :math:`n \le d` (an :math:`n_1\times n_2`
-    SVD, no :math:`d\times d` square root) and an eigen-factor otherwise. float64 throughout.
+    :math:`A = X_c^T/\sqrt{n - \mathrm{ddof}}` when :math:`n \le d` (the square roots of the
+    eigenvalues of :math:`M M^T`, :math:`M = A_1^T A_2` of size :math:`n_1\times n_2`; no
+    :math:`d\times d` square root) and an eigen-factor otherwise. float64 throughout.
     ``ddof=1``: sample covariances (as ``np.cov``).
     """
     X, Y = _pair(X, Y)
@@ -791,9 +797,10 @@ def distances(query: Any, bank_signatures: Sequence[Any], *, metric: str, thread
     if fast is not None:
         return fast[0]
     if metric == "gaussian_w2":
-        stats = [_gaussian_stats(s, params.get("ddof", 1)) for s in sigs]
+        # numpy's BLAS/LAPACK thread themselves: pairs run in order (threads=1 here).
+        sigs = [_gaussian_stats(s, params.get("ddof", 1)) for s in sigs]
         fn = lambda x, y, t: _gaussian_w2_stats(x, y)  # noqa: E731
-        sigs = stats
+        threads = 1
     else:
         fn = _pair_function(metric, dict(params))
     pairs = [(0, j + 1) for j in range(len(bank))]
@@ -822,6 +829,7 @@ def pairwise_distances(bank_signatures: Sequence[Any], *, metric: str, threads: 
     if metric == "gaussian_w2":
         sigs = [_gaussian_stats(s, params.get("ddof", 1)) for s in sigs]
         fn = lambda x, y, t: _gaussian_w2_stats(x, y)  # noqa: E731
+        threads = 1  # numpy's BLAS/LAPACK thread themselves
     else:
         fn = _pair_function(metric, dict(params))
     symmetric = METRICS[metric][1]

@@ -123,6 +123,14 @@ void centered(const T* X, std::size_t n, const T* Y, std::size_t m, std::size_t 
 template <class T>
 void sqdist_direct(const T* X, std::size_t i0, std::size_t i1, const T* Y, std::size_t m,
                    std::size_t d, T* D, std::size_t ld) {
+  if (d == 1) {  // 1-D samples (token ids): a loop the compiler vectorises
+    for (std::size_t i = i0; i < i1; ++i) {
+      T* row = D + (i - i0) * ld;
+      const T x = X[i];
+      for (std::size_t j = 0; j < m; ++j) row[j] = (x - Y[j]) * (x - Y[j]);
+    }
+    return;
+  }
   for (std::size_t i = i0; i < i1; ++i) {
     T* row = D + (i - i0) * ld;
     const T* x = X + i * d;
