@@ -53,6 +53,14 @@ def report():
     (out / "distances.json").write_text(json.dumps(RESULTS, indent=1, default=float))
 
 
+@pytest.fixture(autouse=True)
+def settle():
+    """Let idle worker threads park before each benchmark. OpenBLAS's threads keep spinning for
+    a while after numpy's last call (and libgomp's after metalora's); on 2 cores a kernel
+    started right after the other library's call competes with them and loses 2-3x."""
+    time.sleep(1.0)
+
+
 def _record(name, benchmark, **extra):
     best = benchmark.stats.stats.min
     RESULTS[name] = {"seconds": best, **extra}

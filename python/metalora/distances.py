@@ -516,7 +516,7 @@ def _gaussian_stats(X: np.ndarray, ddof: int) -> tuple:
     mu = X.mean(axis=0)
     Xc = X - mu
     if n <= d:
-        F = Xc / np.sqrt(n - ddof)
+        F = np.ascontiguousarray(Xc / np.sqrt(n - ddof))
     else:
         S = Xc.T @ Xc / (n - ddof)
         w, V = np.linalg.eigh(S)
@@ -524,18 +524,28 @@ def _gaussian_stats(X: np.ndarray, ddof: int) -> tuple:
     return mu, F, float((F * F).sum())
 
 
-def _gaussian_w2_stats(s1: tuple, s2: tuple) -> float:
+def _dot_t(A: np.ndarray, B: np.ndarray, threads: int) -> np.ndarray:
+    """A @ B.T in float64 by the GEMM kernel (no BLAS threads: on busy cores OpenBLAS's
+    spinning threads made these small products 10x slower than one core)."""
+    out = np.empty((A.shape[0], B.shape[0]))
+    _core.dist_cost(A, B, 2, out, threads)
+    return out
+
+
+def _gaussian_w2_stats(s1: tuple, s2: tuple, threads: int = 0) -> float:
     mu1, F1, t1 = s1
     mu2, F2, t2 = s2
     # ||M||_* with M = A1^T A2 = F1 F2^T: the square roots of the eigenvalues of M M^T (a
     # symmetric eigenproblem of the smaller side: about 3x faster than an SVD).
-    M = F1 @ F2.T
-    G = M @ M.T if M.shape[0] <= M.shape[1] else M.T @ M
+    M = _dot_t(F1, F2, threads)
+    if M.shape[0] > M.shape[1]:
+        M = np.ascontiguousarray(M.T)
+    G = _dot_t(M, M, threads)
     nuc = np.sqrt(np.clip(np.linalg.eigvalsh(G), 0.0, None)).sum()
     return float(max(((mu1 - mu2) ** 2).sum() + t1 + t2 - 2.0 * nuc, 0.0))
 
 
-def gaussian_w2(X: Any, Y: Any, *, ddof: int = 1) -> float:
+def gaussian_w2(X: Any, Y: Any, *, ddof: int = 1, threads: int = 0) -> float:
     r"""Squared 2-Wasserstein (Fréchet) distance between the Gaussians fitted to two clouds.
 
     .. math:: W_2^2 = \|\mu_1 - \mu_2\|^2 + \operatorname{tr}\big(\Sigma_1 + \Sigma_2
@@ -549,7 +559,7 @@ def gaussian_w2(X: Any, Y: Any, *, ddof: int = 1) -> float:
     ``ddof=1``: sample covariances (as ``np.cov``).
     """
     X, Y = _pair(X, Y)
-    return _gaussian_w2_stats(_gaussian_stats(X, ddof), _gaussian_stats(Y, ddof))
+    return _gaussian_w2_stats(_gaussian_stats(X, ddof), _gaussian_stats(Y, ddof), _threads(threads))
 
 
 def mean_cosine(X: Any, Y: Any) -> float:
@@ -797,10 +807,8 @@ def distances(query: Any, bank_signatures: Sequence[Any], *, metric: str, thread
     if fast is not None:
         return fast[0]
     if metric == "gaussian_w2":
-        # numpy's BLAS/LAPACK thread themselves: pairs run in order (threads=1 here).
         sigs = [_gaussian_stats(s, params.get("ddof", 1)) for s in sigs]
-        fn = lambda x, y, t: _gaussian_w2_stats(x, y)  # noqa: E731
-        threads = 1
+        fn = _gaussian_w2_stats
     else:
         fn = _pair_function(metric, dict(params))
     pairs = [(0, j + 1) for j in range(len(bank))]
@@ -828,8 +836,7 @@ def pairwise_distances(bank_signatures: Sequence[Any], *, metric: str, threads: 
         return fast
     if metric == "gaussian_w2":
         sigs = [_gaussian_stats(s, params.get("ddof", 1)) for s in sigs]
-        fn = lambda x, y, t: _gaussian_w2_stats(x, y)  # noqa: E731
-        threads = 1  # numpy's BLAS/LAPACK thread themselves
+        fn = _gaussian_w2_stats
     else:
         fn = _pair_function(metric, dict(params))
     symmetric = METRICS[metric][1]

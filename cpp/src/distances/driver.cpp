@@ -67,16 +67,34 @@ void gram_parallel(const T* X, std::size_t n, const T* Y, std::size_t m, std::si
   const std::size_t nr = k.nr, npanels = ceil_div(m, nr);
   std::vector<T> Yp(npanels * nr * d + 1);
   constexpr std::size_t kPanelsPerTask = 4;
-  parallel_for(ceil_div(npanels, kPanelsPerTask), threads, [&](std::size_t t) {
-    const std::size_t j0 = t * kPanelsPerTask * nr, j1 = std::min(m, j0 + kPanelsPerTask * nr);
+  const long npack = static_cast<long>(ceil_div(npanels, kPanelsPerTask));
+  const long nrows = static_cast<long>(ceil_div(n, kGramRows));
+  auto pack = [&](long t) {
+    const std::size_t j0 = static_cast<std::size_t>(t) * kPanelsPerTask * nr;
+    const std::size_t j1 = std::min(m, j0 + kPanelsPerTask * nr);
     k.pack(Y + j0 * d, d, j1 - j0, d, Yp.data() + j0 * d);
-  });
-  parallel_for(ceil_div(n, kGramRows), threads, [&](std::size_t t) {
-    const std::size_t i0 = t * kGramRows, i1 = std::min(n, i0 + kGramRows);
+  };
+  auto rows = [&](long t) {
+    const std::size_t i0 = static_cast<std::size_t>(t) * kGramRows, i1 = std::min(n, i0 + kGramRows);
     const std::size_t j0 = upper ? i0 / nr * nr : 0;
     k.gram(X + i0 * d, d, i1 - i0, Yp.data() + j0 * d, m - j0, d, alpha,
            xn ? xn + i0 : nullptr, yn ? yn + j0 : nullptr, lo, G + i0 * ldg + j0, ldg);
-  });
+  };
+  // One parallel region for both phases (a fork costs more than the packing on busy cores).
+#if defined(_OPENMP)
+  if (threads > 1 && nrows > 1) {
+#pragma omp parallel num_threads(threads)
+    {
+#pragma omp for schedule(static)
+      for (long t = 0; t < npack; ++t) pack(t);
+#pragma omp for schedule(dynamic, 1)
+      for (long t = 0; t < nrows; ++t) rows(t);
+    }
+    return;
+  }
+#endif
+  for (long t = 0; t < npack; ++t) pack(t);
+  for (long t = 0; t < nrows; ++t) rows(t);
 }
 
 // D[i, j] = D[j, i] for j < i (n x n, row stride ld), blocked.
