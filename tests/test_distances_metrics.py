@@ -135,11 +135,14 @@ def _frechet_ref(X, Y):
     return float(((m1 - m2) ** 2).sum() + np.trace(S1 + S2 - 2 * np.real(cross)))
 
 
+@pytest.mark.parametrize("level", LEVELS)
 @pytest.mark.parametrize("n,m,d", [(50, 60, 3), (30, 45, 20), (200, 150, 8)])
-def test_gaussian_w2_matches_sqrtm(n, m, d):
+def test_gaussian_w2_matches_sqrtm(level, n, m, d):
     X, Y = cloud(n, d, 1), cloud(m, d, 2, shift=0.4) * 1.3
     ref = _frechet_ref(X, Y)
-    assert metalora.gaussian_w2(X, Y) == pytest.approx(ref, rel=1e-6, abs=1e-8)
+    with metalora.use_isa(level):
+        assert metalora.gaussian_w2(X, Y) == pytest.approx(ref, rel=1e-6, abs=1e-8)
+        assert metalora.gaussian_w2(X, Y, threads=1) == metalora.gaussian_w2(X, Y, threads=2)
     assert metalora.gaussian_w2(Y, X) == pytest.approx(ref, rel=1e-6, abs=1e-8)
     assert metalora.gaussian_w2(X, X) == pytest.approx(0.0, abs=1e-8)
 

@@ -22,6 +22,7 @@ POT and SciPy are not needed at run time; the tests compare against them.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 import warnings
@@ -247,7 +248,9 @@ def sinkhorn_divergence(X: Any, Y: Any, *, eps: float = 0.05, a: Any = None, b: 
         Also return a dict: ``ot_xy``, ``ot_xx``, ``ot_yy``, ``iterations``, ``anneal_steps``,
         ``eps0``, ``marginal_error`` (max over problems) and ``err_xy``/``err_xx``/``err_yy``,
         ``converged``, the potentials ``f``, ``g``, ``p``, ``q``, and ``transport_cost``
-        :math:`\langle \pi, C\rangle` (what ``ot.sinkhorn2`` returns).
+        :math:`\langle \pi, C\rangle` (what ``ot.sinkhorn2`` returns), and ``seconds`` (cost
+        matrices, annealing, final iterations). ``log`` and ``return_plan`` build the float64
+        plan: O(nm) extra memory and time.
     threads : int
 
     Returns
@@ -749,6 +752,17 @@ def _evaluate(pairs: list, sigs: list, fn: Callable, threads: int, progress: Any
     return out
 
 
+def _single_threaded_blas() -> Any:
+    """A factory of contexts limiting numpy's BLAS/LAPACK to one thread (threadpoolctl,
+    optional), so that pairs can run in parallel without oversubscribing the cores; None
+    without threadpoolctl."""
+    try:
+        from threadpoolctl import threadpool_limits  # optional
+    except ImportError:
+        return None
+    return lambda: threadpool_limits(1, user_api="blas")
+
+
 def _prepare(metric: str, sigs: list) -> list:
     kind, _ = METRICS[metric]
     if kind == "cloud":
@@ -806,14 +820,19 @@ def distances(query: Any, bank_signatures: Sequence[Any], *, metric: str, thread
     fast = _fast_matrix(metric, sigs[:1], sigs[1:], params)
     if fast is not None:
         return fast[0]
+    blas = None
     if metric == "gaussian_w2":
         sigs = [_gaussian_stats(s, params.get("ddof", 1)) for s in sigs]
         fn = _gaussian_w2_stats
+        blas = _single_threaded_blas()
+        if blas is None:
+            threads = 1  # LAPACK threads itself: pairs in order
     else:
         fn = _pair_function(metric, dict(params))
     pairs = [(0, j + 1) for j in range(len(bank))]
-    return np.asarray(_evaluate(pairs, sigs, fn, _threads(threads), progress, metric),
-                      dtype=np.float64)
+    with (blas() if blas else contextlib.nullcontext()):
+        vals = _evaluate(pairs, sigs, fn, _threads(threads), progress, metric)
+    return np.asarray(vals, dtype=np.float64)
 
 
 def pairwise_distances(bank_signatures: Sequence[Any], *, metric: str, threads: int = 0,
@@ -834,9 +853,13 @@ def pairwise_distances(bank_signatures: Sequence[Any], *, metric: str, threads: 
     fast = _fast_matrix(metric, sigs, sigs, params)
     if fast is not None:
         return fast
+    blas = None
     if metric == "gaussian_w2":
         sigs = [_gaussian_stats(s, params.get("ddof", 1)) for s in sigs]
         fn = _gaussian_w2_stats
+        blas = _single_threaded_blas()
+        if blas is None:
+            threads = 1  # LAPACK threads itself: pairs in order
     else:
         fn = _pair_function(metric, dict(params))
     symmetric = METRICS[metric][1]
@@ -844,7 +867,8 @@ def pairwise_distances(bank_signatures: Sequence[Any], *, metric: str, threads: 
         pairs = [(i, j) for i in range(K) for j in range(i, K)]
     else:
         pairs = [(i, j) for i in range(K) for j in range(K)]
-    vals = _evaluate(pairs, sigs, fn, _threads(threads), progress, metric)
+    with (blas() if blas else contextlib.nullcontext()):
+        vals = _evaluate(pairs, sigs, fn, _threads(threads), progress, metric)
     D = np.empty((K, K))
     for (i, j), v in zip(pairs, vals):
         D[i, j] = v
