@@ -210,3 +210,25 @@ def test_bad_clouds(fn):
         fn(Xb, X)
     with pytest.raises(ValueError, match="empty"):
         fn(X, np.zeros((0, 3)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Properties shared by the symmetric point-cloud metrics
+
+
+@pytest.mark.parametrize("name,fn", [
+    ("sliced", lambda x, y: metalora.sliced_wasserstein(x, y, n_projections=32)),
+    ("mmd", lambda x, y: metalora.mmd(x, y)),
+    ("mmd_biased", lambda x, y: metalora.mmd(x, y, unbiased=False, kernel="multiscale")),
+    ("energy", lambda x, y: metalora.energy_distance(x, y)),
+    ("gaussian_w2", lambda x, y: metalora.gaussian_w2(x, y)),
+    ("mean_cosine", lambda x, y: metalora.mean_cosine(x, y)),
+    ("sinkhorn", lambda x, y: metalora.sinkhorn_divergence(x, y, eps=1.0, tol=1e-9)),
+])
+def test_symmetry_and_order_invariance(name, fn):
+    X, Y = clustered(41, 5, seed=3), clustered(57, 5, seed=4)
+    v = fn(X, Y)
+    assert fn(Y, X) == pytest.approx(v, rel=1e-7, abs=1e-10)
+    rng = np.random.default_rng(0)
+    assert fn(X[rng.permutation(41)], Y[rng.permutation(57)]) == pytest.approx(v, rel=1e-7, abs=1e-10)
+    assert v > 0
