@@ -79,6 +79,15 @@ def test_cost_numpy_sgemm(benchmark, clouds):
     RESULTS["cost/numpy sgemm X@Y.T (roof)"]["GFLOP/s"] = FLOP_COST / t / 1e9
 
 
+def test_cost_numpy_sgemm_one_thread(benchmark, clouds):
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    X, Y = clouds
+    with threadpoolctl.threadpool_limits(1, user_api="blas"):
+        benchmark.pedantic(lambda: X @ Y.T, rounds=30, warmup_rounds=3)
+    t = _record("cost/numpy sgemm X@Y.T, 1 thread", benchmark)
+    RESULTS["cost/numpy sgemm X@Y.T, 1 thread"]["GFLOP/s"] = FLOP_COST / t / 1e9
+
+
 @pytest.mark.parametrize("threads", [0, 1])
 def test_cost_metalora(benchmark, clouds, threads):
     X, Y = clouds
@@ -87,8 +96,9 @@ def test_cost_metalora(benchmark, clouds, threads):
                        warmup_rounds=3)
     t = benchmark.stats.stats.min
     extra = {"GFLOP/s": FLOP_COST / t / 1e9}
-    roof = RESULTS.get("cost/numpy sgemm X@Y.T (roof)")
-    if roof and threads == 0:
+    roof = RESULTS.get("cost/numpy sgemm X@Y.T (roof)" if threads == 0 else
+                       "cost/numpy sgemm X@Y.T, 1 thread")
+    if roof:
         extra["vs sgemm"] = roof["seconds"] / t
     _record(f"cost/metalora threads={threads or 'all'}", benchmark, **extra)
 

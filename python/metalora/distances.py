@@ -190,7 +190,8 @@ def cost_matrix(X: Any, Y: Any = None, *, metric: str = "sqeuclidean", out: np.n
 def sinkhorn_divergence(X: Any, Y: Any, *, eps: float = 0.05, a: Any = None, b: Any = None,
                         max_iter: int = 1000, tol: float = 1e-3, scaling: float = 0.5,
                         cost: str = "sqeuclidean", debias: bool = True, updates: str = "alternate",
-                        return_plan: bool = False, log: bool = False, threads: int = 0):
+                        return_plan: bool = False, log: bool = False, threads: int = 0,
+                        _warn: bool = True):
     r"""Debiased Sinkhorn divergence (Feydy et al., 2019) between two weighted point clouds.
 
     .. math::
@@ -289,7 +290,7 @@ def sinkhorn_divergence(X: Any, Y: Any, *, eps: float = 0.05, a: Any = None, b: 
     info = dict(r)
     info["marginal_error"] = max(errs)
     info["value"] = value
-    if not r["converged"]:
+    if not r["converged"] and _warn:
         warnings.warn(
             f"Sinkhorn did not converge: {r['iterations']} iterations at eps={eps:g} (after "
             f"{r['anneal_steps']} annealing steps), final L1 marginal error "
@@ -678,7 +679,19 @@ METRICS = {
 def _pair_function(metric: str, params: dict) -> Callable:
     """f(x, y, threads) for one pair, with the metric's options bound."""
     if metric == "sinkhorn":
-        return _call(sinkhorn_divergence, **params)
+        if params.get("log") or params.get("return_plan"):
+            raise ValueError("log and return_plan are not available through distances(); call "
+                             "sinkhorn_divergence for one pair")
+        unconverged = []
+
+        def sink(x: Any, y: Any, threads: int) -> float:
+            v, info = sinkhorn_divergence(x, y, threads=threads, log=True, _warn=False, **params)
+            if not info["converged"]:
+                unconverged.append(info["marginal_error"])
+            return v
+
+        sink.unconverged = unconverged  # type: ignore[attr-defined]
+        return sink
     if metric == "sliced_wasserstein":
         return _call(sliced_wasserstein, **params)
     if metric == "mmd":
@@ -701,13 +714,13 @@ class _Progress:
 
     def __init__(self, total: int, enabled: bool, desc: str):
         self.total, self.done, self.bar, self.enabled = total, 0, None, enabled
-        self.t0, self.next = time.perf_counter(), 0.1
+        self.t0, self.next, self.desc = time.perf_counter(), 0.1, desc
         if enabled:
             try:
                 from tqdm.auto import tqdm  # optional
                 self.bar = tqdm(total=total, desc=desc, unit="pair")
             except ImportError:
-                self.desc = desc
+                pass
 
     def update(self, k: int = 1) -> None:
         self.done += k
@@ -750,6 +763,14 @@ def _evaluate(pairs: list, sigs: list, fn: Callable, threads: int, progress: Any
     finally:
         bar.close()
     return out
+
+
+def _warn_unconverged(fn: Callable, npairs: int) -> None:
+    bad = getattr(fn, "unconverged", None)
+    if bad:
+        warnings.warn(f"Sinkhorn did not converge for {len(bad)} of {npairs} pairs (largest final "
+                      f"L1 marginal error {max(bad):.3g}); raise max_iter or eps, or lower scaling",
+                      ConvergenceWarning, stacklevel=3)
 
 
 def _single_threaded_blas() -> Any:
@@ -810,6 +831,12 @@ def distances(query: Any, bank_signatures: Sequence[Any], *, metric: str, thread
     Returns
     -------
     ndarray [n_bank] (float64)
+
+    Warns
+    -----
+    ConvergenceWarning
+        Once, with the count of Sinkhorn pairs that reached ``max_iter`` and the largest final
+        marginal error.
     """
     if metric not in METRICS:
         raise ValueError(f"metric={metric!r} is not one of {tuple(METRICS)}")
@@ -832,6 +859,7 @@ def distances(query: Any, bank_signatures: Sequence[Any], *, metric: str, thread
     pairs = [(0, j + 1) for j in range(len(bank))]
     with (blas() if blas else contextlib.nullcontext()):
         vals = _evaluate(pairs, sigs, fn, _threads(threads), progress, metric)
+    _warn_unconverged(fn, len(pairs))
     return np.asarray(vals, dtype=np.float64)
 
 
@@ -869,6 +897,7 @@ def pairwise_distances(bank_signatures: Sequence[Any], *, metric: str, threads: 
         pairs = [(i, j) for i in range(K) for j in range(K)]
     with (blas() if blas else contextlib.nullcontext()):
         vals = _evaluate(pairs, sigs, fn, _threads(threads), progress, metric)
+    _warn_unconverged(fn, len(pairs))
     D = np.empty((K, K))
     for (i, j), v in zip(pairs, vals):
         D[i, j] = v
