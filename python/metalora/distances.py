@@ -191,7 +191,7 @@ def sinkhorn_divergence(X: Any, Y: Any, *, eps: float = 0.05, a: Any = None, b: 
                         max_iter: int = 1000, tol: float = 1e-3, scaling: float = 0.5,
                         cost: str = "sqeuclidean", debias: bool = True, updates: str = "alternate",
                         return_plan: bool = False, log: bool = False, threads: int = 0,
-                        _warn: bool = True):
+                        _warn: bool = True, _log_plan: bool = True):
     r"""Debiased Sinkhorn divergence (Feydy et al., 2019) between two weighted point clouds.
 
     .. math::
@@ -297,7 +297,7 @@ def sinkhorn_divergence(X: Any, Y: Any, *, eps: float = 0.05, a: Any = None, b: 
             f"{info['marginal_error']:.3g} > tol={tol:g}; raise max_iter or eps, or lower "
             f"scaling", ConvergenceWarning, stacklevel=2)
     plan = None
-    if return_plan or log:
+    if return_plan or (log and _log_plan):
         X64, Y64 = X.astype(np.float64), Y.astype(np.float64)
         if cost == "sqeuclidean":
             mu = np.concatenate([X64, Y64]).mean(axis=0)
@@ -685,7 +685,8 @@ def _pair_function(metric: str, params: dict) -> Callable:
         unconverged = []
 
         def sink(x: Any, y: Any, threads: int) -> float:
-            v, info = sinkhorn_divergence(x, y, threads=threads, log=True, _warn=False, **params)
+            v, info = sinkhorn_divergence(x, y, threads=threads, log=True, _warn=False,
+                                          _log_plan=False, **params)
             if not info["converged"]:
                 unconverged.append(info["marginal_error"])
             return v
