@@ -107,6 +107,7 @@ py::dict sinkhorn(const py::array& X, const py::array& Y, const py::array& a, co
   out["iterations"] = r.iterations;
   out["converged"] = r.converged;
   out["eps0"] = r.eps0;
+  out["threads_used"] = r.threads_used;
   out["seconds"] = py::make_tuple(r.seconds_cost, r.seconds_anneal, r.seconds_final);
   out["f"] = vec(r.f);
   out["g"] = vec(r.g);

@@ -34,6 +34,7 @@ struct SinkhornResult {
   bool converged = false;
   double eps0 = 0;                        // first epsilon of the annealing
   double seconds_cost = 0, seconds_anneal = 0, seconds_final = 0;  // wall time of the phases
+  int threads_used = 1;  // threads of the soft-min passes after calibration
   std::vector<double> f, g, p, q;         // potentials (f, g for (x, y); p on x, q on y)
 };
 

@@ -197,6 +197,32 @@ void transpose(const T* A, std::size_t n, std::size_t m, std::size_t lda, T* B, 
   });
 }
 
+// Chooses between `threads` and one thread for the soft-min passes by timing the first passes
+// of a solve (alternately), then keeps the faster per element. A pass takes well under a
+// millisecond; when the other cores are busy (other processes, or this one under `nice`), waking
+// the workers for every pass costs more than it saves. Rows are computed identically either way,
+// so the choice never changes the result.
+struct ThreadChooser {
+  static constexpr int kSamples = 3;
+  int threads, chosen;
+  double t_multi = 0, t_single = 0;  // seconds per element, summed
+  int n_multi = 0, n_single = 0;
+
+  explicit ThreadChooser(int t) : threads(t), chosen(t > 1 ? 0 : 1) {}
+  int next() const { return chosen ? chosen : (n_multi <= n_single ? threads : 1); }
+  void record(int used, double seconds, double elems) {
+    if (chosen) return;
+    if (used > 1) {
+      t_multi += seconds / elems;
+      ++n_multi;
+    } else {
+      t_single += seconds / elems;
+      ++n_single;
+    }
+    if (n_multi >= kSamples && n_single >= kSamples) chosen = t_multi < t_single ? threads : 1;
+  }
+};
+
 // One log-domain half-step: out_i = -eps log sum_j exp(logw_j + (pot_j - C_ij) / eps).
 template <class T>
 struct Softmin {
@@ -208,7 +234,16 @@ struct Softmin {
       : C(C_), rows(rows_), cols(cols_), ld(ld_), h(ld_, -std::numeric_limits<T>::infinity()) {}
 
   void operator()(const std::vector<double>& pot, const std::vector<double>& logw, double eps,
-                  std::vector<double>& out, int threads) {
+                  std::vector<double>& out, ThreadChooser& chooser) {
+    const int threads = chooser.next();
+    const auto t0 = std::chrono::steady_clock::now();
+    run(pot, logw, eps, out, threads);
+    const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    chooser.record(threads, dt, static_cast<double>(rows) * static_cast<double>(cols) + 1.0);
+  }
+
+  void run(const std::vector<double>& pot, const std::vector<double>& logw, double eps,
+           std::vector<double>& out, int threads) {
     for (std::size_t j = 0; j < cols; ++j) h[j] = static_cast<T>(pot[j] / eps + logw[j]);
     const KernelsT<T>& k = table<T>();
     const T inv = static_cast<T>(1.0 / eps);
@@ -375,6 +410,7 @@ SinkhornResult sinkhorn(const T* X, std::size_t n, const T* Y, std::size_t m, st
 
   SinkhornResult res;
   res.eps0 = schedule.front();
+  ThreadChooser chooser(threads);
   const auto t_cost = clock::now();
   res.seconds_cost = seconds(t_start, t_cost);
   std::vector<double> zn(n, 0.0), zm(m, 0.0);
@@ -383,21 +419,21 @@ SinkhornResult sinkhorn(const T* X, std::size_t n, const T* Y, std::size_t m, st
   // Initialisation at the first epsilon from zero potentials, then one symmetric (Jacobi,
   // averaged) update per epsilon of the schedule: the scheme of Feydy et al. (geomloss).
   const double e0 = schedule.front();
-  Txy(zm, lb, e0, f, threads);
-  Tyx(zn, la, e0, g, threads);
+  Txy(zm, lb, e0, f, chooser);
+  Tyx(zn, la, e0, g, chooser);
   if (opt.debias) {
-    Txx(zn, la, e0, p, threads);
-    Tyy(zm, lb, e0, q, threads);
+    Txx(zn, la, e0, p, chooser);
+    Tyy(zm, lb, e0, q, chooser);
   }
   for (std::size_t s = 0; s + 1 < schedule.size(); ++s) {
     const double e = schedule[s];
-    Txy(g, lb, e, ft, threads);
-    Tyx(f, la, e, gt, threads);
+    Txy(g, lb, e, ft, chooser);
+    Tyx(f, la, e, gt, chooser);
     for (std::size_t i = 0; i < n; ++i) f[i] = 0.5 * (f[i] + ft[i]);
     for (std::size_t j = 0; j < m; ++j) g[j] = 0.5 * (g[j] + gt[j]);
     if (opt.debias) {
-      Txx(p, la, e, pt, threads);
-      Tyy(q, lb, e, qt, threads);
+      Txx(p, la, e, pt, chooser);
+      Tyy(q, lb, e, qt, chooser);
       for (std::size_t i = 0; i < n; ++i) p[i] = 0.5 * (p[i] + pt[i]);
       for (std::size_t j = 0; j < m; ++j) q[j] = 0.5 * (q[j] + qt[j]);
     }
@@ -414,30 +450,30 @@ SinkhornResult sinkhorn(const T* X, std::size_t n, const T* Y, std::size_t m, st
   for (int it = 0; it < opt.max_iter && !(done_xy && done_xx && done_yy); ++it) {
     if (!done_xy && opt.averaged_xy) {
       // Jacobi step from (f, g): both half-steps from the same state, then averaged.
-      Txy(g, lb, eps, ft, threads);
-      Tyx(f, la, eps, gt, threads);
+      Txy(g, lb, eps, ft, chooser);
+      Tyx(f, la, eps, gt, chooser);
       row_mass(wa, f, ft, eps, &mass, &res.err_xy);
       res.ot_xy = dot(wa, f) + dot(wb, gt);  // dual value of (f, T(f)): exact column marginals
       for (std::size_t i = 0; i < n; ++i) f[i] = 0.5 * (f[i] + ft[i]);
       for (std::size_t j = 0; j < m; ++j) g[j] = 0.5 * (g[j] + gt[j]);
       done_xy = res.err_xy < opt.tol;
     } else if (!done_xy) {
-      Tyx(f, la, eps, g, threads);
-      Txy(g, lb, eps, ft, threads);
+      Tyx(f, la, eps, g, chooser);
+      Txy(g, lb, eps, ft, chooser);
       row_mass(wa, f, ft, eps, &mass, &res.err_xy);
       f.swap(ft);  // (f, g) now has exact row marginals
       res.ot_xy = dot(wa, f) + dot(wb, g);
       done_xy = res.err_xy < opt.tol;
     }
     if (!done_xx) {
-      Txx(p, la, eps, pt, threads);
+      Txx(p, la, eps, pt, chooser);
       row_mass(wa, p, pt, eps, &mass, &res.err_xx);
       res.ot_xx = 2.0 * dot(wa, p) - eps * (mass - 1.0);
       for (std::size_t i = 0; i < n; ++i) p[i] = 0.5 * (p[i] + pt[i]);
       done_xx = res.err_xx < opt.tol;
     }
     if (!done_yy) {
-      Tyy(q, lb, eps, qt, threads);
+      Tyy(q, lb, eps, qt, chooser);
       row_mass(wb, q, qt, eps, &mass, &res.err_yy);
       res.ot_yy = 2.0 * dot(wb, q) - eps * (mass - 1.0);
       for (std::size_t j = 0; j < m; ++j) q[j] = 0.5 * (q[j] + qt[j]);
@@ -447,6 +483,7 @@ SinkhornResult sinkhorn(const T* X, std::size_t n, const T* Y, std::size_t m, st
   }
   res.converged = done_xy && done_xx && done_yy;
   res.seconds_final = seconds(t_anneal, clock::now());
+  res.threads_used = chooser.next();
   return res;
 }
 
