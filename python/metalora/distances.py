@@ -210,8 +210,9 @@ def sinkhorn_divergence(X: Any, Y: Any, *, eps: float = 0.05, a: Any = None, b: 
     :math:`f_i = -\varepsilon \log \sum_j b_j \exp((g_j - C_{ij})/\varepsilon)` (and the same
     for :math:`g`, :math:`p` on :math:`X\times X`, :math:`q` on :math:`Y\times Y`), every
     log-sum-exp computed by a SIMD kernel (vectorised exp) over cost matrices built once.
-    ε-scaling: ε starts at the largest cost and is multiplied by ``scaling`` down to ``eps``,
-    with one symmetric, averaged update of all potentials per step
+    ε-scaling: ε starts at an upper bound of every cost (:math:`(2\max_i\|x_i - \mu\|)^2` over
+    both clouds around their common mean, or 2 for the cosine cost) and is multiplied by
+    ``scaling`` down to ``eps``, with one symmetric, averaged update of all potentials per step
     (:math:`f \leftarrow \tfrac12(f + T(g))`, geomloss's scheme). At the target ε the
     :math:`(f, g)` pair is refined by alternating updates and the symmetric problems by averaged
     updates (``updates="alternate"``, fastest in general; ``"symmetric"`` keeps averaged Jacobi
@@ -221,7 +222,9 @@ def sinkhorn_divergence(X: Any, Y: Any, *, eps: float = 0.05, a: Any = None, b: 
     (:math:`\langle a, f\rangle + \langle b, g\rangle` for a pair with exact row marginals),
     which converge faster than the marginals: at ε = 0.01 on unit vectors a tolerance of
     1e-3 gives about 1e-6 relative accuracy. float32 input runs in float32 (potentials and
-    sums in float64); use float64 for tight tolerances (``tol`` below ~1e-5).
+    sums in float64); use float64 for tight tolerances (``tol`` below ~1e-5) or for ε below
+    ~1e-4 of the cost scale. Memory: the cost matrices, 4 (nm + n² + m²) bytes in float32
+    (n² and m² only when debiasing).
 
     Parameters
     ----------

@@ -393,7 +393,7 @@ SinkhornResult sinkhorn(const T* X, std::size_t n, const T* Y, std::size_t m, st
   Softmin<T> Txx(opt.debias ? Cxx.data() : nullptr, n, n, ldn);
   Softmin<T> Tyy(opt.debias ? Cyy.data() : nullptr, m, m, ldm);
 
-  // Annealing schedule: from the largest cost down to eps by the factor `scaling`.
+  // Annealing schedule: from an upper bound of the costs down to eps by the factor `scaling`.
   // Upper bound of every cost: (2 max radius)^2 around the common mean for squared Euclidean
   // (triangle inequality), 2 for the cosine cost.
   double eps0 = 2.0;
