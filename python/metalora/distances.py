@@ -223,7 +223,7 @@ def sinkhorn_divergence(X: Any, Y: Any, *, eps: float = 0.05, a: Any = None, b: 
     which converge faster than the marginals: at ε = 0.01 on unit vectors a tolerance of
     1e-3 gives about 1e-6 relative accuracy. float32 input runs in float32 (potentials and
     sums in float64); use float64 for tight tolerances (``tol`` below ~1e-5) or for ε below
-    ~1e-4 of the cost scale. Memory: the cost matrices, 4 (nm + n² + m²) bytes in float32
+    ~1e-4 of the cost scale. Memory: the cost matrices, 4 (2nm + n² + m²) bytes in float32
     (n² and m² only when debiasing).
 
     Parameters
