@@ -601,17 +601,51 @@ template <class T>
 void sliced(const T* X, std::size_t n, const T* Y, std::size_t m, std::size_t d, const double* a,
             const double* b, const T* P, std::size_t L, double p, int threads, double* out) {
   threads = resolve_threads(threads);
-  // Projections as rows (L x n): one contiguous row per direction for the sorts.
-  std::vector<T> Xp(L * n + 1), Yp(L * m + 1);
-  cost_matrix<T>(P, L, X, n, d, kDot, Xp.data(), n, threads);
-  cost_matrix<T>(P, L, Y, m, d, kDot, Yp.data(), m, threads);
-  parallel_for(L, threads, [&](std::size_t l) {
-    std::vector<T> us, vs;
+  // One parallel region: pack X and Y as GEMM panels, then tasks of kDirs directions that
+  // project both clouds (as rows: contiguous for the sorts), sort and merge. Fewer fork/join
+  // points than a GEMM per cloud plus a loop of sorts, which matters on busy cores.
+  const KernelsT<T>& k = table<T>();
+  const std::size_t nr = k.nr;
+  constexpr std::size_t kPanelsPerTask = 4, kDirs = 24;
+  const std::size_t npx = ceil_div(n, nr), npy = ceil_div(m, nr);
+  std::vector<T> Xpk(npx * nr * d + 1), Ypk(npy * nr * d + 1);
+  const long ptx = static_cast<long>(ceil_div(npx, kPanelsPerTask));
+  const long npack = ptx + static_cast<long>(ceil_div(npy, kPanelsPerTask));
+  const long ntasks = static_cast<long>(ceil_div(L, kDirs));
+  auto pack = [&](long t) {
+    const bool isx = t < ptx;
+    const std::size_t q = static_cast<std::size_t>(isx ? t : t - ptx);
+    const std::size_t rows = isx ? n : m;
+    const std::size_t j0 = q * kPanelsPerTask * nr, j1 = std::min(rows, j0 + kPanelsPerTask * nr);
+    k.pack((isx ? X : Y) + j0 * d, d, j1 - j0, d, (isx ? Xpk : Ypk).data() + j0 * d);
+  };
+  auto body = [&](long t) {
+    const std::size_t l0 = static_cast<std::size_t>(t) * kDirs, l1 = std::min(L, l0 + kDirs);
+    std::vector<T> px((l1 - l0) * n + 1), py((l1 - l0) * m + 1), us, vs;
     std::vector<double> uws, vws;
-    sorted_sample(Xp.data() + l * n, n, a, us, uws);
-    sorted_sample(Yp.data() + l * m, m, b, vs, vws);
-    out[l] = w1d_sorted(us, uws, vs, vws, p);
-  });
+    const T ninf = -std::numeric_limits<T>::infinity();
+    k.gram(P + l0 * d, d, l1 - l0, Xpk.data(), n, d, T(1), nullptr, nullptr, ninf, px.data(), n);
+    k.gram(P + l0 * d, d, l1 - l0, Ypk.data(), m, d, T(1), nullptr, nullptr, ninf, py.data(), m);
+    for (std::size_t l = l0; l < l1; ++l) {
+      sorted_sample(px.data() + (l - l0) * n, n, a, us, uws);
+      sorted_sample(py.data() + (l - l0) * m, m, b, vs, vws);
+      out[l] = w1d_sorted(us, uws, vs, vws, p);
+    }
+  };
+#if defined(_OPENMP)
+  if (threads > 1 && ntasks > 1) {
+#pragma omp parallel num_threads(threads)
+    {
+#pragma omp for schedule(static)
+      for (long t = 0; t < npack; ++t) pack(t);
+#pragma omp for schedule(dynamic, 1)
+      for (long t = 0; t < ntasks; ++t) body(t);
+    }
+    return;
+  }
+#endif
+  for (long t = 0; t < npack; ++t) pack(t);
+  for (long t = 0; t < ntasks; ++t) body(t);
 }
 
 template <class T>
