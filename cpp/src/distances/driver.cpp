@@ -197,6 +197,88 @@ void transpose(const T* A, std::size_t n, std::size_t m, std::size_t lda, T* B, 
   });
 }
 
+// The cost matrices of a debiased Sinkhorn problem in one parallel region (squared Euclidean,
+// Gram path): X and Y packed once, the GEMM row blocks of Cxy and of the upper triangles of Cxx
+// and Cyy as one task list, then Cyx = Cxy^T, the mirrored lower triangles and zero diagonals.
+// Same values as sqdist_matrix + transpose, with two barriers instead of five fork/joins.
+template <class T>
+void sinkhorn_costs(const T* Xs, std::size_t n, const T* Ys, std::size_t m, std::size_t d,
+                    bool debias, T* Cxy, T* Cyx, T* Cxx, T* Cyy, std::size_t ldn, std::size_t ldm,
+                    int threads) {
+  const KernelsT<T>& k = table<T>();
+  const std::size_t nr = k.nr;
+  constexpr std::size_t kPanelsPerTask = 4, kb = 32;
+  const auto xn = sqnorms(Xs, n, d), yn = sqnorms(Ys, m, d);
+  const std::size_t npx = ceil_div(n, nr), npy = ceil_div(m, nr);
+  std::vector<T> Xpk(npx * nr * d + 1), Ypk(npy * nr * d + 1);
+  const long ptx = static_cast<long>(ceil_div(npx, kPanelsPerTask));
+  const long npack = ptx + static_cast<long>(ceil_div(npy, kPanelsPerTask));
+  struct Task {
+    int which;
+    std::size_t i0, i1;
+  };
+  std::vector<Task> gram_tasks, fix_tasks;
+  for (int w = 0; w < (debias ? 3 : 1); ++w) {
+    const std::size_t rows = w == 2 ? m : n;
+    for (std::size_t i0 = 0; i0 < rows; i0 += kGramRows)
+      gram_tasks.push_back({w, i0, std::min(rows, i0 + kGramRows)});
+    for (std::size_t i0 = 0; i0 < rows; i0 += kb) fix_tasks.push_back({w, i0, std::min(rows, i0 + kb)});
+  }
+  auto pack = [&](long t) {
+    const bool isx = t < ptx;
+    const std::size_t q = static_cast<std::size_t>(isx ? t : t - ptx);
+    const std::size_t rows = isx ? n : m;
+    const std::size_t j0 = q * kPanelsPerTask * nr, j1 = std::min(rows, j0 + kPanelsPerTask * nr);
+    k.pack((isx ? Xs : Ys) + j0 * d, d, j1 - j0, d, (isx ? Xpk : Ypk).data() + j0 * d);
+  };
+  auto gram = [&](const Task& t) {
+    const std::size_t rows = t.i1 - t.i0;
+    if (t.which == 0) {
+      k.gram(Xs + t.i0 * d, d, rows, Ypk.data(), m, d, T(-2), xn.data() + t.i0, yn.data(), T(0),
+             Cxy + t.i0 * ldm, ldm);
+    } else {
+      const bool x = t.which == 1;
+      const std::size_t cols = x ? n : m, ld = x ? ldn : ldm, j0 = t.i0 / nr * nr;
+      const T* A = x ? Xs : Ys;
+      const T* an = x ? xn.data() : yn.data();
+      k.gram(A + t.i0 * d, d, rows, (x ? Xpk : Ypk).data() + j0 * d, cols - j0, d, T(-2),
+             an + t.i0, an + j0, T(0), (x ? Cxx : Cyy) + t.i0 * ld + j0, ld);
+    }
+  };
+  auto fix = [&](const Task& t) {
+    if (t.which == 0) {  // columns [i0, i1) of Cyx
+      for (std::size_t j0 = 0; j0 < m; j0 += kb)
+        for (std::size_t i = t.i0; i < t.i1; ++i)
+          for (std::size_t j = j0; j < std::min(m, j0 + kb); ++j) Cyx[j * ldn + i] = Cxy[i * ldm + j];
+    } else {  // rows [i0, i1): lower part from the upper triangle, zero diagonal
+      T* C = t.which == 1 ? Cxx : Cyy;
+      const std::size_t ld = t.which == 1 ? ldn : ldm;
+      for (std::size_t j0 = 0; j0 < t.i1; j0 += kb)
+        for (std::size_t i = t.i0; i < t.i1; ++i)
+          for (std::size_t j = j0; j < std::min(i, j0 + kb); ++j) C[i * ld + j] = C[j * ld + i];
+      for (std::size_t i = t.i0; i < t.i1; ++i) C[i * ld + i] = T(0);
+    }
+  };
+  const long ng = static_cast<long>(gram_tasks.size()), nf = static_cast<long>(fix_tasks.size());
+#if defined(_OPENMP)
+  if (threads > 1) {
+#pragma omp parallel num_threads(threads)
+    {
+#pragma omp for schedule(static)
+      for (long t = 0; t < npack; ++t) pack(t);
+#pragma omp for schedule(dynamic, 1)
+      for (long t = 0; t < ng; ++t) gram(gram_tasks[static_cast<std::size_t>(t)]);
+#pragma omp for schedule(dynamic, 1)
+      for (long t = 0; t < nf; ++t) fix(fix_tasks[static_cast<std::size_t>(t)]);
+    }
+    return;
+  }
+#endif
+  for (long t = 0; t < npack; ++t) pack(t);
+  for (long t = 0; t < ng; ++t) gram(gram_tasks[static_cast<std::size_t>(t)]);
+  for (long t = 0; t < nf; ++t) fix(fix_tasks[static_cast<std::size_t>(t)]);
+}
+
 // Chooses between `threads` and one thread for the soft-min passes by timing the first passes
 // of a solve (alternately), then keeps the faster per element. A pass takes well under a
 // millisecond; when the other cores are busy (other processes, or this one under `nice`), waking
@@ -362,18 +444,26 @@ SinkhornResult sinkhorn(const T* X, std::size_t n, const T* Y, std::size_t m, st
   std::vector<T> Xc, Yc;
   const T* Xs = X;
   const T* Ys = Y;
+  if (opt.debias) {
+    Cxx.reset(n, n, ldn);
+    Cyy.reset(m, m, ldm);
+  }
+  const bool fused = opt.cost == kSqEuclidean && d > kDirectDim;
   if (opt.cost == kSqEuclidean) {
     centered(X, n, Y, m, d, Xc, Yc);
     Xs = Xc.data();
     Ys = Yc.data();
+  }
+  if (fused) {
+    sinkhorn_costs(Xs, n, Ys, m, d, opt.debias, Cxy.data(), Cyx.data(), Cxx.data(), Cyy.data(),
+                   ldn, ldm, threads);
+  } else if (opt.cost == kSqEuclidean) {
     sqdist_matrix(Xs, n, Ys, m, d, false, Cxy.data(), ldm, threads);
   } else {
     cost_matrix(X, n, Y, m, d, opt.cost, Cxy.data(), ldm, threads);
   }
-  transpose(Cxy.data(), n, m, ldm, Cyx.data(), ldn, threads);
-  if (opt.debias) {
-    Cxx.reset(n, n, ldn);
-    Cyy.reset(m, m, ldm);
+  if (!fused) transpose(Cxy.data(), n, m, ldm, Cyx.data(), ldn, threads);
+  if (opt.debias && !fused) {
     if (opt.cost == kSqEuclidean) {
       sqdist_matrix(Xs, n, Xs, n, d, true, Cxx.data(), ldn, threads);
       sqdist_matrix(Ys, m, Ys, m, d, true, Cyy.data(), ldm, threads);
