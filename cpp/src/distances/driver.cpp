@@ -536,7 +536,7 @@ SinkhornResult sinkhorn(const T* X, std::size_t n, const T* Y, std::size_t m, st
   // Each problem stops on its own once its L1 marginal error is below tol.
   const double eps = opt.eps;
   bool done_xy = false, done_xx = !opt.debias, done_yy = !opt.debias;
-  double mass;
+  double mass, w = opt.relax, best_err = std::numeric_limits<double>::infinity();
   for (int it = 0; it < opt.max_iter && !(done_xy && done_xx && done_yy); ++it) {
     if (!done_xy && opt.averaged_xy) {
       // Jacobi step from (f, g): both half-steps from the same state, then averaged.
@@ -548,12 +548,24 @@ SinkhornResult sinkhorn(const T* X, std::size_t n, const T* Y, std::size_t m, st
       for (std::size_t j = 0; j < m; ++j) g[j] = 0.5 * (g[j] + gt[j]);
       done_xy = res.err_xy < opt.tol;
     } else if (!done_xy) {
-      Tyx(f, la, eps, g, chooser);
+      // Alternating half-steps, over-relaxed by w (w = 1: plain Sinkhorn). Safeguard: when the
+      // marginal error exceeds twice the best so far, w moves halfway back to 1.
+      Tyx(f, la, eps, gt, chooser);
+      if (w == 1.0) g.swap(gt);
+      else
+        for (std::size_t j = 0; j < m; ++j) g[j] += w * (gt[j] - g[j]);
       Txy(g, lb, eps, ft, chooser);
       row_mass(wa, f, ft, eps, &mass, &res.err_xy);
-      f.swap(ft);  // (f, g) now has exact row marginals
-      res.ot_xy = dot(wa, f) + dot(wb, g);
+      res.ot_xy = dot(wa, ft) + dot(wb, g);  // (T(g), g) has exact row marginals
+      if (w == 1.0) f.swap(ft);
+      else
+        for (std::size_t i = 0; i < n; ++i) f[i] += w * (ft[i] - f[i]);
       done_xy = res.err_xy < opt.tol;
+      if (res.err_xy > 2.0 * best_err) {  // diverging: back off (plain oscillation is normal)
+        w = 1.0 + 0.5 * (w - 1.0);
+        best_err = res.err_xy;
+      }
+      best_err = std::min(best_err, res.err_xy);
     }
     if (!done_xx) {
       Txx(p, la, eps, pt, chooser);
@@ -574,6 +586,7 @@ SinkhornResult sinkhorn(const T* X, std::size_t n, const T* Y, std::size_t m, st
   res.converged = done_xy && done_xx && done_yy;
   res.seconds_final = seconds(t_anneal, clock::now());
   res.threads_used = chooser.next();
+  res.relax_final = w;
   return res;
 }
 
