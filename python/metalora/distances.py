@@ -247,8 +247,9 @@ def sinkhorn_divergence(X: Any, Y: Any, *, eps: float = 0.05, a: Any = None, b: 
         Over-relaxation ω of the alternating updates at the target ε:
         :math:`f \leftarrow f + \omega\,(T(g) - f)` (and the same for :math:`g`); 1 is plain
         Sinkhorn. The default 1.7 needed 1.6× (1000 unit vectors, 384-d, ε = 0.01) to 4.6×
-        (clustered 3-d and Gaussian 8-d clouds) fewer iterations than 1 in our tests. When the marginal error exceeds twice its best value so far, ω moves
-        halfway back to 1 (the final value is ``log["relax"]``).
+        (clustered 3-d and Gaussian 8-d clouds) fewer iterations than 1 in our tests. When the
+        marginal error exceeds twice its best value so far, ω moves halfway back to 1 (the final
+        value is ``log["relax"]``).
     updates : {"alternate", "symmetric"}
         Update of :math:`(f, g)` at the target ε (see above); identical inputs always use
         ``"symmetric"``.
