@@ -76,3 +76,9 @@ def test_bad_input():
         metalora.distances(QUERY, [BANK[0], bad], metric="sinkhorn")
     with pytest.raises(ValueError, match="threads"):
         metalora.distances(QUERY, BANK, metric="mmd", threads=-1)
+
+
+def test_unconverged_pairs_give_one_summary_warning():
+    with pytest.warns(metalora.ConvergenceWarning, match=r"did not converge for 5 of 5 pairs") as rec:
+        metalora.distances(QUERY, BANK, metric="sinkhorn", eps=0.05, max_iter=1, tol=1e-12)
+    assert len([w for w in rec if issubclass(w.category, metalora.ConvergenceWarning)]) == 1

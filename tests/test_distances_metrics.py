@@ -135,11 +135,14 @@ def _frechet_ref(X, Y):
     return float(((m1 - m2) ** 2).sum() + np.trace(S1 + S2 - 2 * np.real(cross)))
 
 
+@pytest.mark.parametrize("level", LEVELS)
 @pytest.mark.parametrize("n,m,d", [(50, 60, 3), (30, 45, 20), (200, 150, 8)])
-def test_gaussian_w2_matches_sqrtm(n, m, d):
+def test_gaussian_w2_matches_sqrtm(level, n, m, d):
     X, Y = cloud(n, d, 1), cloud(m, d, 2, shift=0.4) * 1.3
     ref = _frechet_ref(X, Y)
-    assert metalora.gaussian_w2(X, Y) == pytest.approx(ref, rel=1e-6, abs=1e-8)
+    with metalora.use_isa(level):
+        assert metalora.gaussian_w2(X, Y) == pytest.approx(ref, rel=1e-6, abs=1e-8)
+        assert metalora.gaussian_w2(X, Y, threads=1) == metalora.gaussian_w2(X, Y, threads=2)
     assert metalora.gaussian_w2(Y, X) == pytest.approx(ref, rel=1e-6, abs=1e-8)
     assert metalora.gaussian_w2(X, X) == pytest.approx(0.0, abs=1e-8)
 
@@ -207,3 +210,25 @@ def test_bad_clouds(fn):
         fn(Xb, X)
     with pytest.raises(ValueError, match="empty"):
         fn(X, np.zeros((0, 3)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Properties shared by the symmetric point-cloud metrics
+
+
+@pytest.mark.parametrize("name,fn", [
+    ("sliced", lambda x, y: metalora.sliced_wasserstein(x, y, n_projections=32)),
+    ("mmd", lambda x, y: metalora.mmd(x, y)),
+    ("mmd_biased", lambda x, y: metalora.mmd(x, y, unbiased=False, kernel="multiscale")),
+    ("energy", lambda x, y: metalora.energy_distance(x, y)),
+    ("gaussian_w2", lambda x, y: metalora.gaussian_w2(x, y)),
+    ("mean_cosine", lambda x, y: metalora.mean_cosine(x, y)),
+    ("sinkhorn", lambda x, y: metalora.sinkhorn_divergence(x, y, eps=1.0, tol=1e-9)),
+])
+def test_symmetry_and_order_invariance(name, fn):
+    X, Y = clustered(41, 5, seed=3), clustered(57, 5, seed=4)
+    v = fn(X, Y)
+    assert fn(Y, X) == pytest.approx(v, rel=1e-7, abs=1e-10)
+    rng = np.random.default_rng(0)
+    assert fn(X[rng.permutation(41)], Y[rng.permutation(57)]) == pytest.approx(v, rel=1e-7, abs=1e-10)
+    assert v > 0

@@ -151,3 +151,15 @@ def test_non_convergence_warns_and_is_flagged():
         warnings.simplefilter("error")
         _, log = metalora.sinkhorn_divergence(X, Y, eps=1.0, log=True)
     assert log["converged"] is True
+
+
+def test_over_relaxation_same_value_fewer_iterations():
+    X, Y = clustered(60, 3, seed=1), clustered(50, 3, seed=2)
+    v1, l1 = metalora.sinkhorn_divergence(X, Y, eps=0.05, relax=1.0, tol=1e-10, max_iter=100000,
+                                          log=True)
+    v2, l2 = metalora.sinkhorn_divergence(X, Y, eps=0.05, tol=1e-10, max_iter=100000, log=True)
+    assert v2 == pytest.approx(v1, rel=1e-8)
+    assert l2["iterations"] < l1["iterations"]
+    for bad in (0.5, 2.0):
+        with pytest.raises(ValueError, match="relax"):
+            metalora.sinkhorn_divergence(X, Y, relax=bad)

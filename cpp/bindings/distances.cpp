@@ -69,7 +69,7 @@ py::array_t<double> vec(const std::vector<double>& v) {
 
 py::dict sinkhorn(const py::array& X, const py::array& Y, const py::array& a, const py::array& b,
                   double eps, double scaling, double tol, int max_iter, bool debias, int cost_kind,
-                  int threads, bool averaged_xy) {
+                  int threads, bool averaged_xy, double relax) {
   check_pair(X, Y);
   const std::size_t n = X.shape(0), m = Y.shape(0), d = X.shape(1);
   const double* pa = weights(a, n, "a");
@@ -86,6 +86,8 @@ py::dict sinkhorn(const py::array& X, const py::array& Y, const py::array& a, co
   opt.cost = cost_kind;
   opt.threads = threads;
   opt.averaged_xy = averaged_xy;
+  if (!(relax >= 1.0 && relax < 2.0)) throw py::value_error("relax must be in [1, 2)");
+  opt.relax = relax;
   md::SinkhornResult r;
   {
     py::gil_scoped_release nogil;
@@ -107,6 +109,8 @@ py::dict sinkhorn(const py::array& X, const py::array& Y, const py::array& a, co
   out["iterations"] = r.iterations;
   out["converged"] = r.converged;
   out["eps0"] = r.eps0;
+  out["threads_used"] = r.threads_used;
+  out["relax"] = r.relax_final;
   out["seconds"] = py::make_tuple(r.seconds_cost, r.seconds_anneal, r.seconds_final);
   out["f"] = vec(r.f);
   out["g"] = vec(r.g);
@@ -180,7 +184,7 @@ void register_distances(py::module_& m) {
         "1 cosine, 2 dot.");
   m.def("dist_sinkhorn", &sinkhorn, py::arg("X"), py::arg("Y"), py::arg("a"), py::arg("b"),
         py::arg("eps"), py::arg("scaling"), py::arg("tol"), py::arg("max_iter"),
-        py::arg("debias"), py::arg("cost"), py::arg("threads") = 0, py::arg("averaged_xy") = false,
+        py::arg("debias"), py::arg("cost"), py::arg("threads") = 0, py::arg("averaged_xy") = false, py::arg("relax") = 1.0,
         "Log-domain Sinkhorn with eps-scaling (internal; see metalora.sinkhorn_divergence).");
   m.def("dist_sliced", &sliced, py::arg("X"), py::arg("Y"), py::arg("a"), py::arg("b"),
         py::arg("P"), py::arg("p"), py::arg("threads") = 0,

@@ -22,6 +22,7 @@ POT and SciPy are not needed at run time; the tests compare against them.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 import warnings
@@ -189,7 +190,9 @@ def cost_matrix(X: Any, Y: Any = None, *, metric: str = "sqeuclidean", out: np.n
 def sinkhorn_divergence(X: Any, Y: Any, *, eps: float = 0.05, a: Any = None, b: Any = None,
                         max_iter: int = 1000, tol: float = 1e-3, scaling: float = 0.5,
                         cost: str = "sqeuclidean", debias: bool = True, updates: str = "alternate",
-                        return_plan: bool = False, log: bool = False, threads: int = 0):
+                        relax: float = 1.7,
+                        return_plan: bool = False, log: bool = False, threads: int = 0,
+                        _warn: bool = True, _log_plan: bool = True):
     r"""Debiased Sinkhorn divergence (Feydy et al., 2019) between two weighted point clouds.
 
     .. math::
@@ -208,18 +211,21 @@ def sinkhorn_divergence(X: Any, Y: Any, *, eps: float = 0.05, a: Any = None, b: 
     :math:`f_i = -\varepsilon \log \sum_j b_j \exp((g_j - C_{ij})/\varepsilon)` (and the same
     for :math:`g`, :math:`p` on :math:`X\times X`, :math:`q` on :math:`Y\times Y`), every
     log-sum-exp computed by a SIMD kernel (vectorised exp) over cost matrices built once.
-    ε-scaling: ε starts at the largest cost and is multiplied by ``scaling`` down to ``eps``,
-    with one symmetric, averaged update of all potentials per step
+    ε-scaling: ε starts at an upper bound of every cost (:math:`(2\max_i\|x_i - \mu\|)^2` over
+    both clouds around their common mean, or 2 for the cosine cost) and is multiplied by
+    ``scaling`` down to ``eps``, with one symmetric, averaged update of all potentials per step
     (:math:`f \leftarrow \tfrac12(f + T(g))`, geomloss's scheme). At the target ε the
-    :math:`(f, g)` pair is refined by alternating updates and the symmetric problems by averaged
-    updates (``updates="alternate"``, fastest in general; ``"symmetric"`` keeps averaged Jacobi
+    :math:`(f, g)` pair is refined by over-relaxed alternating updates and the symmetric problems
+    by averaged updates (``updates="alternate"``, fastest in general; ``"symmetric"`` keeps averaged Jacobi
     steps, slower but symmetric: :math:`S_\varepsilon(\alpha, \alpha) = 0` up to rounding
     errors), each until its L1 marginal error :math:`\sum_i |\pi\mathbf 1 - a|_i` falls below
     ``tol``. Values are the exact dual objectives of the final potentials
     (:math:`\langle a, f\rangle + \langle b, g\rangle` for a pair with exact row marginals),
     which converge faster than the marginals: at ε = 0.01 on unit vectors a tolerance of
     1e-3 gives about 1e-6 relative accuracy. float32 input runs in float32 (potentials and
-    sums in float64); use float64 for tight tolerances (``tol`` below ~1e-5).
+    sums in float64); use float64 for tight tolerances (``tol`` below ~1e-5) or for ε below
+    ~1e-4 of the cost scale. Memory: the cost matrices, 4 (2nm + n² + m²) bytes in float32
+    (n² and m² only when debiasing).
 
     Parameters
     ----------
@@ -237,6 +243,13 @@ def sinkhorn_divergence(X: Any, Y: Any, *, eps: float = 0.05, a: Any = None, b: 
     cost : {"sqeuclidean", "cosine"}
     debias : bool
         Return :math:`S_\varepsilon` (True) or :math:`\mathrm{OT}_\varepsilon(\alpha, \beta)`.
+    relax : float in [1, 2)
+        Over-relaxation ω of the alternating updates at the target ε:
+        :math:`f \leftarrow f + \omega\,(T(g) - f)` (and the same for :math:`g`); 1 is plain
+        Sinkhorn. The default 1.7 needed 1.6× (1000 unit vectors, 384-d, ε = 0.01) to 4.6×
+        (clustered 3-d and Gaussian 8-d clouds) fewer iterations than 1 in our tests. When the
+        marginal error exceeds twice its best value so far, ω moves halfway back to 1 (the final
+        value is ``log["relax"]``).
     updates : {"alternate", "symmetric"}
         Update of :math:`(f, g)` at the target ε (see above); identical inputs always use
         ``"symmetric"``.
@@ -247,7 +260,9 @@ def sinkhorn_divergence(X: Any, Y: Any, *, eps: float = 0.05, a: Any = None, b: 
         Also return a dict: ``ot_xy``, ``ot_xx``, ``ot_yy``, ``iterations``, ``anneal_steps``,
         ``eps0``, ``marginal_error`` (max over problems) and ``err_xy``/``err_xx``/``err_yy``,
         ``converged``, the potentials ``f``, ``g``, ``p``, ``q``, and ``transport_cost``
-        :math:`\langle \pi, C\rangle` (what ``ot.sinkhorn2`` returns).
+        :math:`\langle \pi, C\rangle` (what ``ot.sinkhorn2`` returns), and ``seconds`` (cost
+        matrices, annealing, final iterations). ``log`` and ``return_plan`` build the float64
+        plan: O(nm) extra memory and time.
     threads : int
 
     Returns
@@ -272,6 +287,9 @@ def sinkhorn_divergence(X: Any, Y: Any, *, eps: float = 0.05, a: Any = None, b: 
         raise ValueError(f"max_iter must be a positive integer, got {max_iter!r}")
     if cost not in _COSTS:
         raise ValueError(f"cost={cost!r} is not one of {tuple(_COSTS)}")
+    relax = float(relax)
+    if not 1.0 <= relax < 2.0:
+        raise ValueError(f"relax must be in [1, 2), got {relax!r}")
     if updates not in ("alternate", "symmetric"):
         raise ValueError(f"updates={updates!r} is not 'alternate' or 'symmetric'")
     a = _weights(a, X.shape[0], "a")
@@ -280,20 +298,20 @@ def sinkhorn_divergence(X: Any, Y: Any, *, eps: float = 0.05, a: Any = None, b: 
     # solution; the symmetric scheme stays on it (and S = 0 up to rounding).
     same = X.shape == Y.shape and np.array_equal(a, b) and np.array_equal(X, Y)
     r = _core.dist_sinkhorn(X, Y, a, b, eps, scaling, tol, int(max_iter), bool(debias),
-                            _COSTS[cost], _threads(threads), updates == "symmetric" or same)
+                            _COSTS[cost], _threads(threads), updates == "symmetric" or same, relax)
     value = r["ot_xy"] - 0.5 * (r["ot_xx"] + r["ot_yy"]) if debias else r["ot_xy"]
     errs = [r["err_xy"]] + ([r["err_xx"], r["err_yy"]] if debias else [])
     info = dict(r)
     info["marginal_error"] = max(errs)
     info["value"] = value
-    if not r["converged"]:
+    if not r["converged"] and _warn:
         warnings.warn(
             f"Sinkhorn did not converge: {r['iterations']} iterations at eps={eps:g} (after "
             f"{r['anneal_steps']} annealing steps), final L1 marginal error "
             f"{info['marginal_error']:.3g} > tol={tol:g}; raise max_iter or eps, or lower "
             f"scaling", ConvergenceWarning, stacklevel=2)
     plan = None
-    if return_plan or log:
+    if return_plan or (log and _log_plan):
         X64, Y64 = X.astype(np.float64), Y.astype(np.float64)
         if cost == "sqeuclidean":
             mu = np.concatenate([X64, Y64]).mean(axis=0)
@@ -507,7 +525,8 @@ def energy_distance(X: Any, Y: Any, *, threads: int = 0) -> float:
 
 
 def _gaussian_stats(X: np.ndarray, ddof: int) -> tuple:
-    """Mean, a factor A with Sigma = A A^T ([d, r], r = min(n, d)), and trace(Sigma)."""
+    """Mean, the transposed factor F = A^T of Sigma = A A^T ([r, d], r = min(n, d), C-contiguous),
+    and trace(Sigma)."""
     X = X.astype(np.float64)
     n, d = X.shape
     if n - ddof <= 0:
@@ -515,22 +534,36 @@ def _gaussian_stats(X: np.ndarray, ddof: int) -> tuple:
     mu = X.mean(axis=0)
     Xc = X - mu
     if n <= d:
-        A = Xc.T / np.sqrt(n - ddof)
+        F = np.ascontiguousarray(Xc / np.sqrt(n - ddof))
     else:
         S = Xc.T @ Xc / (n - ddof)
         w, V = np.linalg.eigh(S)
-        A = V * np.sqrt(np.clip(w, 0.0, None))
-    return mu, A, float((A * A).sum())
+        F = np.ascontiguousarray((V * np.sqrt(np.clip(w, 0.0, None))).T)
+    return mu, F, float((F * F).sum())
 
 
-def _gaussian_w2_stats(s1: tuple, s2: tuple) -> float:
-    mu1, A1, t1 = s1
-    mu2, A2, t2 = s2
-    nuc = np.linalg.svd(A1.T @ A2, compute_uv=False).sum()
+def _dot_t(A: np.ndarray, B: np.ndarray, threads: int) -> np.ndarray:
+    """A @ B.T in float64 by the GEMM kernel (no BLAS threads: on busy cores OpenBLAS's
+    spinning threads made these small products 10x slower than one core)."""
+    out = np.empty((A.shape[0], B.shape[0]))
+    _core.dist_cost(A, B, 2, out, threads)
+    return out
+
+
+def _gaussian_w2_stats(s1: tuple, s2: tuple, threads: int = 0) -> float:
+    mu1, F1, t1 = s1
+    mu2, F2, t2 = s2
+    # ||M||_* with M = A1^T A2 = F1 F2^T: the square roots of the eigenvalues of M M^T (a
+    # symmetric eigenproblem of the smaller side: about 3x faster than an SVD).
+    M = _dot_t(F1, F2, threads)
+    if M.shape[0] > M.shape[1]:
+        M = np.ascontiguousarray(M.T)
+    G = _dot_t(M, M, threads)
+    nuc = np.sqrt(np.clip(np.linalg.eigvalsh(G), 0.0, None)).sum()
     return float(max(((mu1 - mu2) ** 2).sum() + t1 + t2 - 2.0 * nuc, 0.0))
 
 
-def gaussian_w2(X: Any, Y: Any, *, ddof: int = 1) -> float:
+def gaussian_w2(X: Any, Y: Any, *, ddof: int = 1, threads: int = 0) -> float:
     r"""Squared 2-Wasserstein (Fréchet) distance between the Gaussians fitted to two clouds.
 
     .. math:: W_2^2 = \|\mu_1 - \mu_2\|^2 + \operatorname{tr}\big(\Sigma_1 + \Sigma_2
@@ -538,12 +571,13 @@ def gaussian_w2(X: Any, Y: Any, *, ddof: int = 1) -> float:
 
     (what FID reports). The trace of the matrix square root equals the nuclear norm
     :math:`\|A_1^T A_2\|_*` for any factors :math:`\Sigma_k = A_k A_k^T`; we take
-    :math:`A = X_c^T/\sqrt{n - \mathrm{ddof}}` when :math:`n \le d` (an :math:`n_1\times n_2`
-    SVD, no :math:`d\times d` square root) and an eigen-factor otherwise. float64 throughout.
+    :math:`A = X_c^T/\sqrt{n - \mathrm{ddof}}` when :math:`n \le d` (the square roots of the
+    eigenvalues of :math:`M M^T`, :math:`M = A_1^T A_2` of size :math:`n_1\times n_2`; no
+    :math:`d\times d` square root) and an eigen-factor otherwise. float64 throughout.
     ``ddof=1``: sample covariances (as ``np.cov``).
     """
     X, Y = _pair(X, Y)
-    return _gaussian_w2_stats(_gaussian_stats(X, ddof), _gaussian_stats(Y, ddof))
+    return _gaussian_w2_stats(_gaussian_stats(X, ddof), _gaussian_stats(Y, ddof), _threads(threads))
 
 
 def mean_cosine(X: Any, Y: Any) -> float:
@@ -659,7 +693,20 @@ METRICS = {
 def _pair_function(metric: str, params: dict) -> Callable:
     """f(x, y, threads) for one pair, with the metric's options bound."""
     if metric == "sinkhorn":
-        return _call(sinkhorn_divergence, **params)
+        if params.get("log") or params.get("return_plan"):
+            raise ValueError("log and return_plan are not available through distances(); call "
+                             "sinkhorn_divergence for one pair")
+        unconverged = []
+
+        def sink(x: Any, y: Any, threads: int) -> float:
+            v, info = sinkhorn_divergence(x, y, threads=threads, log=True, _warn=False,
+                                          _log_plan=False, **params)
+            if not info["converged"]:
+                unconverged.append(info["marginal_error"])
+            return v
+
+        sink.unconverged = unconverged  # type: ignore[attr-defined]
+        return sink
     if metric == "sliced_wasserstein":
         return _call(sliced_wasserstein, **params)
     if metric == "mmd":
@@ -682,13 +729,13 @@ class _Progress:
 
     def __init__(self, total: int, enabled: bool, desc: str):
         self.total, self.done, self.bar, self.enabled = total, 0, None, enabled
-        self.t0, self.next = time.perf_counter(), 0.1
+        self.t0, self.next, self.desc = time.perf_counter(), 0.1, desc
         if enabled:
             try:
                 from tqdm.auto import tqdm  # optional
                 self.bar = tqdm(total=total, desc=desc, unit="pair")
             except ImportError:
-                self.desc = desc
+                pass
 
     def update(self, k: int = 1) -> None:
         self.done += k
@@ -731,6 +778,25 @@ def _evaluate(pairs: list, sigs: list, fn: Callable, threads: int, progress: Any
     finally:
         bar.close()
     return out
+
+
+def _warn_unconverged(fn: Callable, npairs: int) -> None:
+    bad = getattr(fn, "unconverged", None)
+    if bad:
+        warnings.warn(f"Sinkhorn did not converge for {len(bad)} of {npairs} pairs (largest final "
+                      f"L1 marginal error {max(bad):.3g}); raise max_iter or eps, or lower scaling",
+                      ConvergenceWarning, stacklevel=3)
+
+
+def _single_threaded_blas() -> Any:
+    """A factory of contexts limiting numpy's BLAS/LAPACK to one thread (threadpoolctl,
+    optional), so that pairs can run in parallel without oversubscribing the cores; None
+    without threadpoolctl."""
+    try:
+        from threadpoolctl import threadpool_limits  # optional
+    except ImportError:
+        return None
+    return lambda: threadpool_limits(1, user_api="blas")
 
 
 def _prepare(metric: str, sigs: list) -> list:
@@ -780,6 +846,12 @@ def distances(query: Any, bank_signatures: Sequence[Any], *, metric: str, thread
     Returns
     -------
     ndarray [n_bank] (float64)
+
+    Warns
+    -----
+    ConvergenceWarning
+        Once, with the count of Sinkhorn pairs that reached ``max_iter`` and the largest final
+        marginal error.
     """
     if metric not in METRICS:
         raise ValueError(f"metric={metric!r} is not one of {tuple(METRICS)}")
@@ -790,15 +862,20 @@ def distances(query: Any, bank_signatures: Sequence[Any], *, metric: str, thread
     fast = _fast_matrix(metric, sigs[:1], sigs[1:], params)
     if fast is not None:
         return fast[0]
+    blas = None
     if metric == "gaussian_w2":
-        stats = [_gaussian_stats(s, params.get("ddof", 1)) for s in sigs]
-        fn = lambda x, y, t: _gaussian_w2_stats(x, y)  # noqa: E731
-        sigs = stats
+        sigs = [_gaussian_stats(s, params.get("ddof", 1)) for s in sigs]
+        fn = _gaussian_w2_stats
+        blas = _single_threaded_blas()
+        if blas is None:
+            threads = 1  # LAPACK threads itself: pairs in order
     else:
         fn = _pair_function(metric, dict(params))
     pairs = [(0, j + 1) for j in range(len(bank))]
-    return np.asarray(_evaluate(pairs, sigs, fn, _threads(threads), progress, metric),
-                      dtype=np.float64)
+    with (blas() if blas else contextlib.nullcontext()):
+        vals = _evaluate(pairs, sigs, fn, _threads(threads), progress, metric)
+    _warn_unconverged(fn, len(pairs))
+    return np.asarray(vals, dtype=np.float64)
 
 
 def pairwise_distances(bank_signatures: Sequence[Any], *, metric: str, threads: int = 0,
@@ -819,9 +896,13 @@ def pairwise_distances(bank_signatures: Sequence[Any], *, metric: str, threads: 
     fast = _fast_matrix(metric, sigs, sigs, params)
     if fast is not None:
         return fast
+    blas = None
     if metric == "gaussian_w2":
         sigs = [_gaussian_stats(s, params.get("ddof", 1)) for s in sigs]
-        fn = lambda x, y, t: _gaussian_w2_stats(x, y)  # noqa: E731
+        fn = _gaussian_w2_stats
+        blas = _single_threaded_blas()
+        if blas is None:
+            threads = 1  # LAPACK threads itself: pairs in order
     else:
         fn = _pair_function(metric, dict(params))
     symmetric = METRICS[metric][1]
@@ -829,7 +910,9 @@ def pairwise_distances(bank_signatures: Sequence[Any], *, metric: str, threads: 
         pairs = [(i, j) for i in range(K) for j in range(i, K)]
     else:
         pairs = [(i, j) for i in range(K) for j in range(K)]
-    vals = _evaluate(pairs, sigs, fn, _threads(threads), progress, metric)
+    with (blas() if blas else contextlib.nullcontext()):
+        vals = _evaluate(pairs, sigs, fn, _threads(threads), progress, metric)
+    _warn_unconverged(fn, len(pairs))
     D = np.empty((K, K))
     for (i, j), v in zip(pairs, vals):
         D[i, j] = v

@@ -23,6 +23,7 @@ struct SinkhornOptions {
   int max_iter = 1000;   // bound on updates at the target eps (annealing steps not counted)
   bool debias = true;    // also solve OT(P, P) and OT(Q, Q)
   bool averaged_xy = false;  // (f, g) at the target eps: averaged Jacobi steps, else alternating
+  double relax = 1.0;        // over-relaxation of the alternating steps, in [1, 2)
   int cost = kSqEuclidean;
   int threads = 0;
 };
@@ -34,6 +35,8 @@ struct SinkhornResult {
   bool converged = false;
   double eps0 = 0;                        // first epsilon of the annealing
   double seconds_cost = 0, seconds_anneal = 0, seconds_final = 0;  // wall time of the phases
+  int threads_used = 1;  // threads of the soft-min passes after calibration
+  double relax_final = 1.0;  // over-relaxation at the end (lowered by the safeguard)
   std::vector<double> f, g, p, q;         // potentials (f, g for (x, y); p on x, q on y)
 };
 

@@ -67,16 +67,34 @@ void gram_parallel(const T* X, std::size_t n, const T* Y, std::size_t m, std::si
   const std::size_t nr = k.nr, npanels = ceil_div(m, nr);
   std::vector<T> Yp(npanels * nr * d + 1);
   constexpr std::size_t kPanelsPerTask = 4;
-  parallel_for(ceil_div(npanels, kPanelsPerTask), threads, [&](std::size_t t) {
-    const std::size_t j0 = t * kPanelsPerTask * nr, j1 = std::min(m, j0 + kPanelsPerTask * nr);
+  const long npack = static_cast<long>(ceil_div(npanels, kPanelsPerTask));
+  const long nrows = static_cast<long>(ceil_div(n, kGramRows));
+  auto pack = [&](long t) {
+    const std::size_t j0 = static_cast<std::size_t>(t) * kPanelsPerTask * nr;
+    const std::size_t j1 = std::min(m, j0 + kPanelsPerTask * nr);
     k.pack(Y + j0 * d, d, j1 - j0, d, Yp.data() + j0 * d);
-  });
-  parallel_for(ceil_div(n, kGramRows), threads, [&](std::size_t t) {
-    const std::size_t i0 = t * kGramRows, i1 = std::min(n, i0 + kGramRows);
+  };
+  auto rows = [&](long t) {
+    const std::size_t i0 = static_cast<std::size_t>(t) * kGramRows, i1 = std::min(n, i0 + kGramRows);
     const std::size_t j0 = upper ? i0 / nr * nr : 0;
     k.gram(X + i0 * d, d, i1 - i0, Yp.data() + j0 * d, m - j0, d, alpha,
            xn ? xn + i0 : nullptr, yn ? yn + j0 : nullptr, lo, G + i0 * ldg + j0, ldg);
-  });
+  };
+  // One parallel region for both phases (a fork costs more than the packing on busy cores).
+#if defined(_OPENMP)
+  if (threads > 1 && nrows > 1) {
+#pragma omp parallel num_threads(threads)
+    {
+#pragma omp for schedule(static)
+      for (long t = 0; t < npack; ++t) pack(t);
+#pragma omp for schedule(dynamic, 1)
+      for (long t = 0; t < nrows; ++t) rows(t);
+    }
+    return;
+  }
+#endif
+  for (long t = 0; t < npack; ++t) pack(t);
+  for (long t = 0; t < nrows; ++t) rows(t);
 }
 
 // D[i, j] = D[j, i] for j < i (n x n, row stride ld), blocked.
@@ -123,6 +141,14 @@ void centered(const T* X, std::size_t n, const T* Y, std::size_t m, std::size_t 
 template <class T>
 void sqdist_direct(const T* X, std::size_t i0, std::size_t i1, const T* Y, std::size_t m,
                    std::size_t d, T* D, std::size_t ld) {
+  if (d == 1) {  // 1-D samples (token ids): a loop the compiler vectorises
+    for (std::size_t i = i0; i < i1; ++i) {
+      T* row = D + (i - i0) * ld;
+      const T x = X[i];
+      for (std::size_t j = 0; j < m; ++j) row[j] = (x - Y[j]) * (x - Y[j]);
+    }
+    return;
+  }
   for (std::size_t i = i0; i < i1; ++i) {
     T* row = D + (i - i0) * ld;
     const T* x = X + i * d;
@@ -171,6 +197,114 @@ void transpose(const T* A, std::size_t n, std::size_t m, std::size_t lda, T* B, 
   });
 }
 
+// The cost matrices of a debiased Sinkhorn problem in one parallel region (squared Euclidean,
+// Gram path): X and Y packed once, the GEMM row blocks of Cxy and of the upper triangles of Cxx
+// and Cyy as one task list, then Cyx = Cxy^T, the mirrored lower triangles and zero diagonals.
+// Same values as sqdist_matrix + transpose, with two barriers instead of five fork/joins.
+template <class T>
+void sinkhorn_costs(const T* Xs, std::size_t n, const T* Ys, std::size_t m, std::size_t d,
+                    bool debias, T* Cxy, T* Cyx, T* Cxx, T* Cyy, std::size_t ldn, std::size_t ldm,
+                    int threads) {
+  const KernelsT<T>& k = table<T>();
+  const std::size_t nr = k.nr;
+  constexpr std::size_t kPanelsPerTask = 4, kb = 32;
+  const auto xn = sqnorms(Xs, n, d), yn = sqnorms(Ys, m, d);
+  const std::size_t npx = ceil_div(n, nr), npy = ceil_div(m, nr);
+  std::vector<T> Xpk(npx * nr * d + 1), Ypk(npy * nr * d + 1);
+  const long ptx = static_cast<long>(ceil_div(npx, kPanelsPerTask));
+  const long npack = ptx + static_cast<long>(ceil_div(npy, kPanelsPerTask));
+  struct Task {
+    int which;
+    std::size_t i0, i1;
+  };
+  std::vector<Task> gram_tasks, fix_tasks;
+  for (int w = 0; w < (debias ? 3 : 1); ++w) {
+    const std::size_t rows = w == 2 ? m : n;
+    for (std::size_t i0 = 0; i0 < rows; i0 += kGramRows)
+      gram_tasks.push_back({w, i0, std::min(rows, i0 + kGramRows)});
+    for (std::size_t i0 = 0; i0 < rows; i0 += kb) fix_tasks.push_back({w, i0, std::min(rows, i0 + kb)});
+  }
+  auto pack = [&](long t) {
+    const bool isx = t < ptx;
+    const std::size_t q = static_cast<std::size_t>(isx ? t : t - ptx);
+    const std::size_t rows = isx ? n : m;
+    const std::size_t j0 = q * kPanelsPerTask * nr, j1 = std::min(rows, j0 + kPanelsPerTask * nr);
+    k.pack((isx ? Xs : Ys) + j0 * d, d, j1 - j0, d, (isx ? Xpk : Ypk).data() + j0 * d);
+  };
+  auto gram = [&](const Task& t) {
+    const std::size_t rows = t.i1 - t.i0;
+    if (t.which == 0) {
+      k.gram(Xs + t.i0 * d, d, rows, Ypk.data(), m, d, T(-2), xn.data() + t.i0, yn.data(), T(0),
+             Cxy + t.i0 * ldm, ldm);
+    } else {
+      const bool x = t.which == 1;
+      const std::size_t cols = x ? n : m, ld = x ? ldn : ldm, j0 = t.i0 / nr * nr;
+      const T* A = x ? Xs : Ys;
+      const T* an = x ? xn.data() : yn.data();
+      k.gram(A + t.i0 * d, d, rows, (x ? Xpk : Ypk).data() + j0 * d, cols - j0, d, T(-2),
+             an + t.i0, an + j0, T(0), (x ? Cxx : Cyy) + t.i0 * ld + j0, ld);
+    }
+  };
+  auto fix = [&](const Task& t) {
+    if (t.which == 0) {  // columns [i0, i1) of Cyx
+      for (std::size_t j0 = 0; j0 < m; j0 += kb)
+        for (std::size_t i = t.i0; i < t.i1; ++i)
+          for (std::size_t j = j0; j < std::min(m, j0 + kb); ++j) Cyx[j * ldn + i] = Cxy[i * ldm + j];
+    } else {  // rows [i0, i1): lower part from the upper triangle, zero diagonal
+      T* C = t.which == 1 ? Cxx : Cyy;
+      const std::size_t ld = t.which == 1 ? ldn : ldm;
+      for (std::size_t j0 = 0; j0 < t.i1; j0 += kb)
+        for (std::size_t i = t.i0; i < t.i1; ++i)
+          for (std::size_t j = j0; j < std::min(i, j0 + kb); ++j) C[i * ld + j] = C[j * ld + i];
+      for (std::size_t i = t.i0; i < t.i1; ++i) C[i * ld + i] = T(0);
+    }
+  };
+  const long ng = static_cast<long>(gram_tasks.size()), nf = static_cast<long>(fix_tasks.size());
+#if defined(_OPENMP)
+  if (threads > 1) {
+#pragma omp parallel num_threads(threads)
+    {
+#pragma omp for schedule(static)
+      for (long t = 0; t < npack; ++t) pack(t);
+#pragma omp for schedule(dynamic, 1)
+      for (long t = 0; t < ng; ++t) gram(gram_tasks[static_cast<std::size_t>(t)]);
+#pragma omp for schedule(dynamic, 1)
+      for (long t = 0; t < nf; ++t) fix(fix_tasks[static_cast<std::size_t>(t)]);
+    }
+    return;
+  }
+#endif
+  for (long t = 0; t < npack; ++t) pack(t);
+  for (long t = 0; t < ng; ++t) gram(gram_tasks[static_cast<std::size_t>(t)]);
+  for (long t = 0; t < nf; ++t) fix(fix_tasks[static_cast<std::size_t>(t)]);
+}
+
+// Chooses between `threads` and one thread for the soft-min passes by timing the first passes
+// of a solve (alternately), then keeps the faster per element. A pass takes well under a
+// millisecond; when the other cores are busy (other processes, or this one under `nice`), waking
+// the workers for every pass costs more than it saves. Rows are computed identically either way,
+// so the choice never changes the result.
+struct ThreadChooser {
+  static constexpr int kSamples = 3;
+  int threads, chosen;
+  double t_multi = 0, t_single = 0;  // seconds per element, summed
+  int n_multi = 0, n_single = 0;
+
+  explicit ThreadChooser(int t) : threads(t), chosen(t > 1 ? 0 : 1) {}
+  int next() const { return chosen ? chosen : (n_multi <= n_single ? threads : 1); }
+  void record(int used, double seconds, double elems) {
+    if (chosen) return;
+    if (used > 1) {
+      t_multi += seconds / elems;
+      ++n_multi;
+    } else {
+      t_single += seconds / elems;
+      ++n_single;
+    }
+    if (n_multi >= kSamples && n_single >= kSamples) chosen = t_multi < t_single ? threads : 1;
+  }
+};
+
 // One log-domain half-step: out_i = -eps log sum_j exp(logw_j + (pot_j - C_ij) / eps).
 template <class T>
 struct Softmin {
@@ -182,7 +316,16 @@ struct Softmin {
       : C(C_), rows(rows_), cols(cols_), ld(ld_), h(ld_, -std::numeric_limits<T>::infinity()) {}
 
   void operator()(const std::vector<double>& pot, const std::vector<double>& logw, double eps,
-                  std::vector<double>& out, int threads) {
+                  std::vector<double>& out, ThreadChooser& chooser) {
+    const int threads = chooser.next();
+    const auto t0 = std::chrono::steady_clock::now();
+    run(pot, logw, eps, out, threads);
+    const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    chooser.record(threads, dt, static_cast<double>(rows) * static_cast<double>(cols) + 1.0);
+  }
+
+  void run(const std::vector<double>& pot, const std::vector<double>& logw, double eps,
+           std::vector<double>& out, int threads) {
     for (std::size_t j = 0; j < cols; ++j) h[j] = static_cast<T>(pot[j] / eps + logw[j]);
     const KernelsT<T>& k = table<T>();
     const T inv = static_cast<T>(1.0 / eps);
@@ -301,18 +444,26 @@ SinkhornResult sinkhorn(const T* X, std::size_t n, const T* Y, std::size_t m, st
   std::vector<T> Xc, Yc;
   const T* Xs = X;
   const T* Ys = Y;
+  if (opt.debias) {
+    Cxx.reset(n, n, ldn);
+    Cyy.reset(m, m, ldm);
+  }
+  const bool fused = opt.cost == kSqEuclidean && d > kDirectDim;
   if (opt.cost == kSqEuclidean) {
     centered(X, n, Y, m, d, Xc, Yc);
     Xs = Xc.data();
     Ys = Yc.data();
+  }
+  if (fused) {
+    sinkhorn_costs(Xs, n, Ys, m, d, opt.debias, Cxy.data(), Cyx.data(), Cxx.data(), Cyy.data(),
+                   ldn, ldm, threads);
+  } else if (opt.cost == kSqEuclidean) {
     sqdist_matrix(Xs, n, Ys, m, d, false, Cxy.data(), ldm, threads);
   } else {
     cost_matrix(X, n, Y, m, d, opt.cost, Cxy.data(), ldm, threads);
   }
-  transpose(Cxy.data(), n, m, ldm, Cyx.data(), ldn, threads);
-  if (opt.debias) {
-    Cxx.reset(n, n, ldn);
-    Cyy.reset(m, m, ldm);
+  if (!fused) transpose(Cxy.data(), n, m, ldm, Cyx.data(), ldn, threads);
+  if (opt.debias && !fused) {
     if (opt.cost == kSqEuclidean) {
       sqdist_matrix(Xs, n, Xs, n, d, true, Cxx.data(), ldn, threads);
       sqdist_matrix(Ys, m, Ys, m, d, true, Cyy.data(), ldm, threads);
@@ -332,7 +483,7 @@ SinkhornResult sinkhorn(const T* X, std::size_t n, const T* Y, std::size_t m, st
   Softmin<T> Txx(opt.debias ? Cxx.data() : nullptr, n, n, ldn);
   Softmin<T> Tyy(opt.debias ? Cyy.data() : nullptr, m, m, ldm);
 
-  // Annealing schedule: from the largest cost down to eps by the factor `scaling`.
+  // Annealing schedule: from an upper bound of the costs down to eps by the factor `scaling`.
   // Upper bound of every cost: (2 max radius)^2 around the common mean for squared Euclidean
   // (triangle inequality), 2 for the cosine cost.
   double eps0 = 2.0;
@@ -349,6 +500,7 @@ SinkhornResult sinkhorn(const T* X, std::size_t n, const T* Y, std::size_t m, st
 
   SinkhornResult res;
   res.eps0 = schedule.front();
+  ThreadChooser chooser(threads);
   const auto t_cost = clock::now();
   res.seconds_cost = seconds(t_start, t_cost);
   std::vector<double> zn(n, 0.0), zm(m, 0.0);
@@ -357,21 +509,21 @@ SinkhornResult sinkhorn(const T* X, std::size_t n, const T* Y, std::size_t m, st
   // Initialisation at the first epsilon from zero potentials, then one symmetric (Jacobi,
   // averaged) update per epsilon of the schedule: the scheme of Feydy et al. (geomloss).
   const double e0 = schedule.front();
-  Txy(zm, lb, e0, f, threads);
-  Tyx(zn, la, e0, g, threads);
+  Txy(zm, lb, e0, f, chooser);
+  Tyx(zn, la, e0, g, chooser);
   if (opt.debias) {
-    Txx(zn, la, e0, p, threads);
-    Tyy(zm, lb, e0, q, threads);
+    Txx(zn, la, e0, p, chooser);
+    Tyy(zm, lb, e0, q, chooser);
   }
   for (std::size_t s = 0; s + 1 < schedule.size(); ++s) {
     const double e = schedule[s];
-    Txy(g, lb, e, ft, threads);
-    Tyx(f, la, e, gt, threads);
+    Txy(g, lb, e, ft, chooser);
+    Tyx(f, la, e, gt, chooser);
     for (std::size_t i = 0; i < n; ++i) f[i] = 0.5 * (f[i] + ft[i]);
     for (std::size_t j = 0; j < m; ++j) g[j] = 0.5 * (g[j] + gt[j]);
     if (opt.debias) {
-      Txx(p, la, e, pt, threads);
-      Tyy(q, lb, e, qt, threads);
+      Txx(p, la, e, pt, chooser);
+      Tyy(q, lb, e, qt, chooser);
       for (std::size_t i = 0; i < n; ++i) p[i] = 0.5 * (p[i] + pt[i]);
       for (std::size_t j = 0; j < m; ++j) q[j] = 0.5 * (q[j] + qt[j]);
     }
@@ -384,34 +536,46 @@ SinkhornResult sinkhorn(const T* X, std::size_t n, const T* Y, std::size_t m, st
   // Each problem stops on its own once its L1 marginal error is below tol.
   const double eps = opt.eps;
   bool done_xy = false, done_xx = !opt.debias, done_yy = !opt.debias;
-  double mass;
+  double mass, w = opt.relax, best_err = std::numeric_limits<double>::infinity();
   for (int it = 0; it < opt.max_iter && !(done_xy && done_xx && done_yy); ++it) {
     if (!done_xy && opt.averaged_xy) {
       // Jacobi step from (f, g): both half-steps from the same state, then averaged.
-      Txy(g, lb, eps, ft, threads);
-      Tyx(f, la, eps, gt, threads);
+      Txy(g, lb, eps, ft, chooser);
+      Tyx(f, la, eps, gt, chooser);
       row_mass(wa, f, ft, eps, &mass, &res.err_xy);
       res.ot_xy = dot(wa, f) + dot(wb, gt);  // dual value of (f, T(f)): exact column marginals
       for (std::size_t i = 0; i < n; ++i) f[i] = 0.5 * (f[i] + ft[i]);
       for (std::size_t j = 0; j < m; ++j) g[j] = 0.5 * (g[j] + gt[j]);
       done_xy = res.err_xy < opt.tol;
     } else if (!done_xy) {
-      Tyx(f, la, eps, g, threads);
-      Txy(g, lb, eps, ft, threads);
+      // Alternating half-steps, over-relaxed by w (w = 1: plain Sinkhorn). Safeguard: when the
+      // marginal error exceeds twice the best so far, w moves halfway back to 1.
+      Tyx(f, la, eps, gt, chooser);
+      if (w == 1.0) g.swap(gt);
+      else
+        for (std::size_t j = 0; j < m; ++j) g[j] += w * (gt[j] - g[j]);
+      Txy(g, lb, eps, ft, chooser);
       row_mass(wa, f, ft, eps, &mass, &res.err_xy);
-      f.swap(ft);  // (f, g) now has exact row marginals
-      res.ot_xy = dot(wa, f) + dot(wb, g);
+      res.ot_xy = dot(wa, ft) + dot(wb, g);  // (T(g), g) has exact row marginals
+      if (w == 1.0) f.swap(ft);
+      else
+        for (std::size_t i = 0; i < n; ++i) f[i] += w * (ft[i] - f[i]);
       done_xy = res.err_xy < opt.tol;
+      if (res.err_xy > 2.0 * best_err) {  // diverging: back off (plain oscillation is normal)
+        w = 1.0 + 0.5 * (w - 1.0);
+        best_err = res.err_xy;
+      }
+      best_err = std::min(best_err, res.err_xy);
     }
     if (!done_xx) {
-      Txx(p, la, eps, pt, threads);
+      Txx(p, la, eps, pt, chooser);
       row_mass(wa, p, pt, eps, &mass, &res.err_xx);
       res.ot_xx = 2.0 * dot(wa, p) - eps * (mass - 1.0);
       for (std::size_t i = 0; i < n; ++i) p[i] = 0.5 * (p[i] + pt[i]);
       done_xx = res.err_xx < opt.tol;
     }
     if (!done_yy) {
-      Tyy(q, lb, eps, qt, threads);
+      Tyy(q, lb, eps, qt, chooser);
       row_mass(wb, q, qt, eps, &mass, &res.err_yy);
       res.ot_yy = 2.0 * dot(wb, q) - eps * (mass - 1.0);
       for (std::size_t j = 0; j < m; ++j) q[j] = 0.5 * (q[j] + qt[j]);
@@ -421,6 +585,8 @@ SinkhornResult sinkhorn(const T* X, std::size_t n, const T* Y, std::size_t m, st
   }
   res.converged = done_xy && done_xx && done_yy;
   res.seconds_final = seconds(t_anneal, clock::now());
+  res.threads_used = chooser.next();
+  res.relax_final = w;
   return res;
 }
 
@@ -538,17 +704,51 @@ template <class T>
 void sliced(const T* X, std::size_t n, const T* Y, std::size_t m, std::size_t d, const double* a,
             const double* b, const T* P, std::size_t L, double p, int threads, double* out) {
   threads = resolve_threads(threads);
-  // Projections as rows (L x n): one contiguous row per direction for the sorts.
-  std::vector<T> Xp(L * n + 1), Yp(L * m + 1);
-  cost_matrix<T>(P, L, X, n, d, kDot, Xp.data(), n, threads);
-  cost_matrix<T>(P, L, Y, m, d, kDot, Yp.data(), m, threads);
-  parallel_for(L, threads, [&](std::size_t l) {
-    std::vector<T> us, vs;
+  // One parallel region: pack X and Y as GEMM panels, then tasks of kDirs directions that
+  // project both clouds (as rows: contiguous for the sorts), sort and merge. Fewer fork/join
+  // points than a GEMM per cloud plus a loop of sorts, which matters on busy cores.
+  const KernelsT<T>& k = table<T>();
+  const std::size_t nr = k.nr;
+  constexpr std::size_t kPanelsPerTask = 4, kDirs = 24;
+  const std::size_t npx = ceil_div(n, nr), npy = ceil_div(m, nr);
+  std::vector<T> Xpk(npx * nr * d + 1), Ypk(npy * nr * d + 1);
+  const long ptx = static_cast<long>(ceil_div(npx, kPanelsPerTask));
+  const long npack = ptx + static_cast<long>(ceil_div(npy, kPanelsPerTask));
+  const long ntasks = static_cast<long>(ceil_div(L, kDirs));
+  auto pack = [&](long t) {
+    const bool isx = t < ptx;
+    const std::size_t q = static_cast<std::size_t>(isx ? t : t - ptx);
+    const std::size_t rows = isx ? n : m;
+    const std::size_t j0 = q * kPanelsPerTask * nr, j1 = std::min(rows, j0 + kPanelsPerTask * nr);
+    k.pack((isx ? X : Y) + j0 * d, d, j1 - j0, d, (isx ? Xpk : Ypk).data() + j0 * d);
+  };
+  auto body = [&](long t) {
+    const std::size_t l0 = static_cast<std::size_t>(t) * kDirs, l1 = std::min(L, l0 + kDirs);
+    std::vector<T> px((l1 - l0) * n + 1), py((l1 - l0) * m + 1), us, vs;
     std::vector<double> uws, vws;
-    sorted_sample(Xp.data() + l * n, n, a, us, uws);
-    sorted_sample(Yp.data() + l * m, m, b, vs, vws);
-    out[l] = w1d_sorted(us, uws, vs, vws, p);
-  });
+    const T ninf = -std::numeric_limits<T>::infinity();
+    k.gram(P + l0 * d, d, l1 - l0, Xpk.data(), n, d, T(1), nullptr, nullptr, ninf, px.data(), n);
+    k.gram(P + l0 * d, d, l1 - l0, Ypk.data(), m, d, T(1), nullptr, nullptr, ninf, py.data(), m);
+    for (std::size_t l = l0; l < l1; ++l) {
+      sorted_sample(px.data() + (l - l0) * n, n, a, us, uws);
+      sorted_sample(py.data() + (l - l0) * m, m, b, vs, vws);
+      out[l] = w1d_sorted(us, uws, vs, vws, p);
+    }
+  };
+#if defined(_OPENMP)
+  if (threads > 1 && ntasks > 1) {
+#pragma omp parallel num_threads(threads)
+    {
+#pragma omp for schedule(static)
+      for (long t = 0; t < npack; ++t) pack(t);
+#pragma omp for schedule(dynamic, 1)
+      for (long t = 0; t < ntasks; ++t) body(t);
+    }
+    return;
+  }
+#endif
+  for (long t = 0; t < npack; ++t) pack(t);
+  for (long t = 0; t < ntasks; ++t) body(t);
 }
 
 template <class T>
