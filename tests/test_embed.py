@@ -100,6 +100,13 @@ def test_order_and_batch_size_do_not_change_rows(emb, reference):
     np.testing.assert_allclose(shuffled, base[perm], atol=1e-6, rtol=0)
     small = Embedder(threads=1, batch_size=3, progress=False)
     np.testing.assert_allclose(small.embed(texts), base, atol=1e-6, rtol=0)
+    tiny = Embedder(threads=1, max_batch_tokens=1, progress=False)  # one text per call
+    np.testing.assert_allclose(tiny.embed(texts), base, atol=1e-6, rtol=0)
+    batches = list(tiny._batches(np.arange(5), np.array([3, 3, 4, 9, 9])))
+    assert [b.tolist() for b in batches] == [[0], [1], [2], [3], [4]]
+    mid = Embedder(threads=1, batch_size=2, max_batch_tokens=12, progress=False)
+    batches = list(mid._batches(np.arange(6), np.array([3, 3, 4, 4, 9, 20])))
+    assert [b.tolist() for b in batches] == [[0, 1], [2, 3], [4], [5]]
     one = emb.embed([texts[5]])
     np.testing.assert_allclose(one[0], base[5], atol=1e-6, rtol=0)
 

@@ -192,8 +192,13 @@ class Embedder:
     threads : int
         ONNX Runtime intra-op threads; 0 lets ONNX Runtime choose (one per physical core).
     batch_size : int
-        Texts per ONNX Runtime call. Texts are sorted by token count first, so each batch pads
-        to a similar length.
+        At most this many texts per ONNX Runtime call. Texts are sorted by token count first, so
+        each batch pads to a similar length.
+    max_batch_tokens : int
+        At most this many padded tokens (texts x longest text) per call, so that a batch's
+        activations stay in cache: short texts go in large batches, long ones in small batches
+        (measured here, 1 thread: 256-512 tokens per call is 10-25% faster than fixed batches
+        of 16-64 texts; see bench/results_embed.md).
     max_length : int
         Token limit per text (special tokens included); longer texts are truncated and a
         :class:`TruncationWarning` says how many.
@@ -211,16 +216,19 @@ class Embedder:
     """
 
     def __init__(self, model: Optional[PathLike] = None, tokenizer=None, *, threads: int = 0,
-                 batch_size: int = 32, max_length: int = 256, normalize: bool = True,
-                 progress: Optional[bool] = None):
+                 batch_size: int = 64, max_batch_tokens: int = 512, max_length: int = 256,
+                 normalize: bool = True, progress: Optional[bool] = None):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if max_batch_tokens < 1:
+            raise ValueError(f"max_batch_tokens must be >= 1, got {max_batch_tokens}")
         if max_length < 3:
             raise ValueError(f"max_length must be >= 3, got {max_length}")
         if threads < 0:
             raise ValueError(f"threads must be >= 0, got {threads}")
         self.threads = int(threads)
         self.batch_size = int(batch_size)
+        self.max_batch_tokens = int(max_batch_tokens)
         self.max_length = int(max_length)
         self.normalize = bool(normalize)
         self.progress = progress
@@ -377,8 +385,7 @@ class Embedder:
             out: Optional[np.ndarray] = None
             prog = _Progress(n, self.progress)
             try:
-                for s in range(0, n, self.batch_size):
-                    idx = order[s:s + self.batch_size]
+                for idx in self._batches(order, lengths):
                     e = self._run_batch([ids[i] for i in idx], int(lengths[idx[-1]]))
                     if out is None:
                         out = np.empty((n, e.shape[1]), np.float32)
@@ -391,6 +398,19 @@ class Embedder:
         return out
 
     __call__ = embed
+
+    def _batches(self, order: np.ndarray, lengths: np.ndarray):
+        """Consecutive runs of the length-sorted order: at most ``batch_size`` texts and, past
+        the first text, at most ``max_batch_tokens`` padded tokens (rows x longest row)."""
+        n = order.shape[0]
+        s = 0
+        while s < n:
+            e = s + 1
+            while (e < n and e - s < self.batch_size
+                   and (e - s + 1) * int(lengths[order[e]]) <= self.max_batch_tokens):
+                e += 1
+            yield order[s:e]
+            s = e
 
     def _run_batch(self, batch: List[List[int]], width: int) -> np.ndarray:
         b = len(batch)
@@ -440,12 +460,14 @@ def _default_embedder(**kw) -> Embedder:
         return e
 
 
-def embed(texts: Iterable[str], *, threads: int = 0, batch_size: int = 32,
-          max_length: int = 256, progress: Optional[bool] = None) -> np.ndarray:
+def embed(texts: Iterable[str], *, threads: int = 0, batch_size: int = 64,
+          max_batch_tokens: int = 512, max_length: int = 256,
+          progress: Optional[bool] = None) -> np.ndarray:
     """Embed texts with the default all-MiniLM-L6-v2 embedder (kept alive between calls).
 
     Returns ``ndarray [n, 384] float32`` with unit-norm rows; see :class:`Embedder`.
     """
-    e = _default_embedder(threads=threads, batch_size=batch_size, max_length=max_length,
+    e = _default_embedder(threads=threads, batch_size=batch_size,
+                          max_batch_tokens=max_batch_tokens, max_length=max_length,
                           progress=progress)
     return e.embed(texts)
