@@ -215,32 +215,17 @@ def test_progress_falls_back_to_stderr(monkeypatch, capsys):
 
 
 @need_model
-def test_fused_graph_matches_standard_ops_graph(emb, reference):
-    """The default graph uses ONNX Runtime contrib kernels; the opset-17-only graph is its oracle."""
+def test_optional_fused_graph_matches_default_graph(emb, reference):
+    """The optional graph with ONNX Runtime contrib kernels (Attention, SkipLayerNormalization,
+    BiasGelu) against the default standard-operator graph."""
     from metalora._bert_onnx import build_bert_onnx
 
     sentences, ref = reference
-    plain = Embedder(threads=1, progress=False)
-    plain._session = embed_mod._session(build_bert_onnx(embed_mod.default_model_dir(),
-                                                        fused=False), 1)
-    a, b = emb.embed(sentences), plain.embed(sentences)
-    np.testing.assert_allclose(a, b, atol=2e-6, rtol=0)
-    np.testing.assert_allclose(b, ref, atol=ATOL, rtol=0)
-
-
-@need_model
-def test_falls_back_to_standard_graph_when_fused_is_rejected(monkeypatch, reference):
-    real = embed_mod._built_model_bytes
-
-    def fused_broken(path, size, mtime_ns, fused=True):
-        return b"not an onnx model" if fused else real(path, size, mtime_ns, fused=False)
-
-    monkeypatch.setattr(embed_mod, "_built_model_bytes", fused_broken)
-    embed_mod._shared_session.cache_clear()
-    try:
-        with pytest.warns(RuntimeWarning, match="standard-operator graph"):
-            e = Embedder(threads=1, progress=False)
-        sentences, ref = reference
-        np.testing.assert_allclose(e.embed(sentences), ref, atol=ATOL, rtol=0)
-    finally:
-        embed_mod._shared_session.cache_clear()
+    for kw in (dict(fused=True), dict(fused=True, attention_op=False)):
+        fused = Embedder(threads=1, progress=False)
+        fused._session = embed_mod._session(build_bert_onnx(embed_mod.default_model_dir(),
+                                                            **kw), 1)
+        np.testing.assert_allclose(fused.embed(sentences), emb.embed(sentences), atol=2e-6, rtol=0)
+        np.testing.assert_allclose(fused.embed(sentences), ref, atol=ATOL, rtol=0)
+    with pytest.raises(ValueError, match="attention_op"):
+        build_bert_onnx(embed_mod.default_model_dir(), fused=False, attention_op=True)
