@@ -229,3 +229,14 @@ def test_optional_fused_graph_matches_default_graph(emb, reference):
         np.testing.assert_allclose(fused.embed(sentences), ref, atol=ATOL, rtol=0)
     with pytest.raises(ValueError, match="attention_op"):
         build_bert_onnx(embed_mod.default_model_dir(), fused=False, attention_op=True)
+
+
+@need_model
+def test_model_directory_and_length_clamp(emb, reference):
+    """A directory with config.json + model.safetensors + tokenizer.json is built like the default."""
+    sentences, ref = reference
+    d = embed_mod.default_model_dir()
+    e = Embedder(d, threads=1, max_length=4096, progress=False)
+    assert e.max_length == 512  # max_position_embeddings of the checkpoint
+    np.testing.assert_allclose(e.embed(sentences), ref, atol=ATOL, rtol=0)
+    assert e.id != emb.id

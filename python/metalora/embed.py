@@ -239,7 +239,6 @@ class Embedder:
             self._model_files = [d / "model.safetensors"]
             self._kind = f"all-MiniLM-L6-v2:fp32-built-v{_BUILDER_VERSION}"
             tok_default = d / "tokenizer.json"
-            self._max_positions = 512
         elif isinstance(model, str) and model == "int8":
             p = int8_model_path()
             self._model_src = ("file", p)
@@ -274,8 +273,13 @@ class Embedder:
             else:
                 raise FileNotFoundError(f"embedding model not found: {p}")
 
-        self._tokenizer, self._tokenizer_digest = self._load_tokenizer(tokenizer, tok_default)
         kind, src = self._model_src
+        if kind == "built":  # the position table bounds the usable length
+            import json
+
+            cfg = json.loads((src / "config.json").read_text(encoding="utf-8"))
+            self._max_positions = int(cfg.get("max_position_embeddings", 512))
+        self._tokenizer, self._tokenizer_digest = self._load_tokenizer(tokenizer, tok_default)
         st = (src / "model.safetensors" if kind == "built" else src).stat()
         self._session = _shared_session(kind, str(src), st.st_size, st.st_mtime_ns, self.threads)
 
