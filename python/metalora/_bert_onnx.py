@@ -60,7 +60,6 @@ def build_bert_onnx(model_dir, *, prefix: str = "", fused: bool = False,
     if attention_op and not fused:
         raise ValueError("attention_op=True needs fused=True (com.microsoft operators)")
     try:
-        import onnx
         from onnx import TensorProto, helper, numpy_helper
     except ImportError as exc:  # pragma: no cover - onnx is a core dependency
         raise ImportError(
