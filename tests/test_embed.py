@@ -133,6 +133,8 @@ def test_empty_and_bad_inputs(emb):
         emb.embed("a single string")
     with pytest.raises(TypeError, match=r"texts\[1\] is int"):
         emb.embed(["ok", 3])
+    with pytest.raises(ValueError, match=r"texts\[1\] is not valid Unicode"):
+        emb.embed(["ok", "bad \ud800"])
     x = emb.embed(["", "   "])  # only [CLS] [SEP]: still a finite unit vector
     assert np.all(np.isfinite(x))
     with pytest.raises(ValueError, match="batch_size"):

@@ -445,6 +445,11 @@ def _as_texts(texts) -> List[str]:
     for i, t in enumerate(out):
         if not isinstance(t, str):
             raise TypeError(f"texts[{i}] is {type(t).__name__}, expected str")
+        try:
+            t.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise ValueError(f"texts[{i}] is not valid Unicode (lone surrogate at character "
+                             f"{exc.start}); the tokenizer cannot encode it") from None
     return out
 
 
