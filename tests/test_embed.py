@@ -100,6 +100,8 @@ def test_order_and_batch_size_do_not_change_rows(emb, reference):
     np.testing.assert_allclose(shuffled, base[perm], atol=1e-6, rtol=0)
     small = Embedder(threads=1, batch_size=3, progress=False)
     np.testing.assert_allclose(small.embed(texts), base, atol=1e-6, rtol=0)
+    dup = emb.embed(texts[:3] + texts[:3] + [texts[1]])  # repeats are embedded once
+    np.testing.assert_allclose(dup, base[[0, 1, 2, 0, 1, 2, 1]], atol=1e-6, rtol=0)
     tiny = Embedder(threads=1, max_batch_tokens=1, progress=False)  # one text per call
     np.testing.assert_allclose(tiny.embed(texts), base, atol=1e-6, rtol=0)
     batches = list(tiny._batches(np.arange(5), np.array([3, 3, 4, 9, 9])))
@@ -117,6 +119,8 @@ def test_truncation_is_reported_and_applied(emb):
     short = Embedder(threads=1, max_length=16, progress=False)
     with pytest.warns(TruncationWarning, match=r"2 of 3 texts were longer than max_length=16"):
         x = short.embed([long, "tiny", long + "different tail"])
+    with pytest.warns(TruncationWarning, match=r"3 of 4 texts"):  # repeats count per text
+        short.embed([long, "tiny", long, long])
     # the first 14 word-pieces are the same, so the truncated texts embed identically
     np.testing.assert_allclose(x[0], x[2], atol=1e-6)
     with warnings.catch_warnings():

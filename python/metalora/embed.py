@@ -353,10 +353,10 @@ class Embedder:
                 f"batch_size={self.batch_size}, max_length={self.max_length})")
 
     def tokenize(self, texts: Sequence[str]):
-        """Token ids per text (truncated at ``max_length``) and the number truncated."""
+        """Token ids per text (truncated at ``max_length``) and a per-text truncation flag."""
         encs = self._tokenizer.encode_batch(list(texts))
         ids = [e.ids for e in encs]
-        truncated = sum(1 for e in encs if e.overflowing)
+        truncated = np.fromiter((bool(e.overflowing) for e in encs), dtype=bool, count=len(encs))
         return ids, truncated
 
     def embed(self, texts: Union[Sequence[str], "object"]) -> np.ndarray:
@@ -370,33 +370,40 @@ class Embedder:
         -------
         ndarray, shape (n, dim), float32
             Row i is the embedding of ``texts[i]``; unit L2 norm when ``normalize``.
+            Repeated texts are embedded once and share their row's values.
         """
         texts = _as_texts(texts)
         n = len(texts)
         if n == 0:
             return np.zeros((0, self._dim or 0), np.float32)
+        first: dict = {}
+        inverse = np.fromiter((first.setdefault(t, len(first)) for t in texts), dtype=np.int64,
+                              count=n)
+        unique = list(first)
+        m = len(unique)
         with self._lock:  # one tokenizer/session user at a time per Embedder
-            ids, truncated = self.tokenize(texts)
-            if truncated:
+            ids, truncated = self.tokenize(unique)
+            k = int(truncated[inverse].sum())
+            if k:
                 warnings.warn(
-                    f"{truncated} of {n} texts were longer than max_length={self.max_length} "
+                    f"{k} of {n} texts were longer than max_length={self.max_length} "
                     "tokens and were truncated", TruncationWarning, stacklevel=2)
-            lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=n)
+            lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=m)
             order = np.argsort(lengths, kind="stable")
             out: Optional[np.ndarray] = None
-            prog = _Progress(n, self.progress)
+            prog = _Progress(m, self.progress)
             try:
                 for idx in self._batches(order, lengths):
                     e = self._run_batch([ids[i] for i in idx], int(lengths[idx[-1]]))
                     if out is None:
-                        out = np.empty((n, e.shape[1]), np.float32)
+                        out = np.empty((m, e.shape[1]), np.float32)
                         self._dim = e.shape[1]
                     out[idx] = e
                     prog.update(len(idx))
             finally:
                 prog.close()
         assert out is not None
-        return out
+        return out if m == n else out[inverse]
 
     __call__ = embed
 
