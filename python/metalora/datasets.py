@@ -214,6 +214,13 @@ def _field(row: Any, name: str, where: str, *, path: Path) -> str:
     if v is None or (isinstance(v, float) and v != v):
         raise DatasetError(f"{path}: {where} field {name!r} is empty (null)")
     if isinstance(v, str):
+        try:
+            v.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise DatasetError(
+                f"{path}: {where} field {name!r} holds undecodable text (lone surrogate "
+                f"{v[exc.start]!r} at character {exc.start}, e.g. a bad \\ud800 JSON escape)"
+            ) from None
         return v
     if isinstance(v, (int, float)) and not isinstance(v, bool):
         return str(v)

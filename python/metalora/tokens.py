@@ -12,7 +12,7 @@ import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Union
 
 import numpy as np
 
@@ -119,10 +119,9 @@ def token_signature(texts, tokenizer, *, add_special_tokens: bool = False,
         texts = texts.texts()
     if isinstance(texts, str):
         raise TypeError("token_signature() takes a sequence of strings, not one string")
-    texts = list(texts)
-    for i, t in enumerate(texts):
-        if not isinstance(t, str):
-            raise TypeError(f"texts[{i}] is {type(t).__name__}, expected str")
+    from .embed import _as_texts  # same checks: strings, valid Unicode
+
+    texts = _as_texts(texts)
     if not texts:
         raise ValueError("token_signature() of an empty dataset")
     tok, tid = load_tokenizer(tokenizer)
