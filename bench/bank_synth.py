@@ -193,8 +193,8 @@ def measure(root: Path, repeat: int, out: Path) -> str:
                 r = in_child(op, root, cache == "cold")
                 r["load1"] = os.getloadavg()[0]
                 runs[cache, op].append(r)
-    lines = [f"| cache | operation | min (s) | median (s) | GB/s at min | x read (median) | "
-             f"bank open (s, median) | peak RSS (MiB) | load avg (1 min) |",
+    lines = ["| cache | operation | min (s) | median (s) | GB/s at min | x read (median) | "
+             "bank open (s, median) | peak RSS (MiB) | load avg (1 min) |",
              "|---|---|---|---|---|---|---|---|---|"]
     for (cache, op), rs in runs.items():
         t = sorted(r["seconds"] for r in rs)

@@ -106,7 +106,7 @@ def measure(n: int, repeat: int, distance: str, mode: str, top_k: int) -> None:
     keys = list(rows[0])
     med = {k: float(np.median([row[k] for row in rows])) for k in keys}
     load = os.getloadavg()[0]
-    print(f"\n| bank | distance | mode | top_k | " + " | ".join(keys) + " | load |")
+    print("\n| bank | distance | mode | top_k | " + " | ".join(keys) + " | load |")
     print("|---" * (len(keys) + 5) + "|")
     print(f"| {n} | {distance} | {mode} | {top_k} | " + " | ".join(f"{med[k]:.2f}" for k in keys)
           + f" | {load:.1f} |")

@@ -96,8 +96,8 @@ def test_validation_reports_every_problem_precisely(tmp_path):
     msg = str(ei.value)
     assert len(ei.value.problems) == 3, msg
     assert "adapter 'task001'" in msg and "'other/model', expected 'toy/base' (as 4 of 5" in msg
-    assert f"adapter 'task002'" in msg and "lacks 1 module" in msg and gone in msg
-    assert (f"adapter 'task003'" in msg and f"module '{bad}'" in msg and "in_features=20" in msg
+    assert "adapter 'task002'" in msg and "lacks 1 module" in msg and gone in msg
+    assert ("adapter 'task003'" in msg and f"module '{bad}'" in msg and "in_features=20" in msg
             and "expected in_features=24, out_features=8" in msg)
     # a broken adapter is reported with the bank's id and the file
     (root / "task004/adapter_model.safetensors").write_bytes(b"\0" * 4)

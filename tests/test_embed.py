@@ -202,25 +202,6 @@ def test_missing_model_package_names_the_pip_command(monkeypatch):
         Embedder()
 
 
-def test_progress_falls_back_to_stderr(monkeypatch, capsys):
-    import builtins
-
-    real_import = builtins.__import__
-
-    def no_tqdm(name, *a, **k):
-        if name.startswith("tqdm"):
-            raise ImportError
-        return real_import(name, *a, **k)
-
-    monkeypatch.setattr(builtins, "__import__", no_tqdm)
-    p = embed_mod._Progress(10, True)
-    p.update(4)
-    p.update(6)
-    p.close()
-    err = capsys.readouterr().err
-    assert "metalora.embed: 10/10 texts" in err
-
-
 @need_model
 def test_optional_fused_graph_matches_default_graph(emb, reference):
     """The optional graph with ONNX Runtime contrib kernels (Attention, SkipLayerNormalization,

@@ -23,8 +23,6 @@ POT and SciPy are not needed at run time; the tests compare against them.
 from __future__ import annotations
 
 import contextlib
-import sys
-import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Sequence
@@ -32,6 +30,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from . import _core
+from ._progress import Progress
 
 __all__ = [
     "ConvergenceWarning",
@@ -728,43 +727,13 @@ def _pair_function(metric: str, params: dict) -> Callable:
     raise ValueError(f"metric={metric!r} is not one of {tuple(METRICS)}")
 
 
-class _Progress:
-    """tqdm when importable, else a line on stderr every 10 %."""
-
-    def __init__(self, total: int, enabled: bool, desc: str):
-        self.total, self.done, self.bar, self.enabled = total, 0, None, enabled
-        self.t0, self.next, self.desc = time.perf_counter(), 0.1, desc
-        if enabled:
-            try:
-                from tqdm.auto import tqdm  # optional
-                self.bar = tqdm(total=total, desc=desc, unit="pair")
-            except ImportError:
-                pass
-
-    def update(self, k: int = 1) -> None:
-        self.done += k
-        if not self.enabled:
-            return
-        if self.bar is not None:
-            self.bar.update(k)
-        elif self.done >= self.next * self.total or self.done == self.total:
-            el = time.perf_counter() - self.t0
-            print(f"{self.desc}: {self.done}/{self.total} pairs, {el:.1f} s", file=sys.stderr,
-                  flush=True)
-            self.next += 0.1
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
 def _evaluate(pairs: list, sigs: list, fn: Callable, threads: int, progress: Any,
               desc: str) -> list:
     """Values of fn over index pairs, parallel over pairs (each call single-threaded; the kernels
     release the GIL). With one pair, or threads == 1, the calls run in order."""
     nt = int(_core.resolve_threads(threads))
     show = (len(pairs) >= 1000) if progress is None else bool(progress)
-    bar = _Progress(len(pairs), show, desc)
+    bar = Progress(len(pairs), desc, "pair", show)
     out = [0.0] * len(pairs)
     try:
         if nt <= 1 or len(pairs) <= 1:

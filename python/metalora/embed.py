@@ -22,14 +22,14 @@ import functools
 import hashlib
 import importlib.util
 import os
-import sys
 import threading
-import time
 import warnings
 from pathlib import Path
 from typing import Iterable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
+
+from ._progress import Progress
 
 __all__ = [
     "Embedder",
@@ -134,44 +134,6 @@ def _session(model: Union[bytes, str], threads: int):
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.log_severity_level = 3
     return ort.InferenceSession(model, sess_options=so, providers=["CPUExecutionProvider"])
-
-
-class _Progress:
-    """tqdm when importable, else a carriage-return line on stderr; shown only after ``delay`` s."""
-
-    def __init__(self, total: int, enabled: Optional[bool], delay: float = 2.0):
-        self.total, self.enabled, self.delay = total, enabled, delay
-        self.t0 = time.perf_counter()
-        self.done = 0
-        self.bar = None
-        self.text = False
-
-    def update(self, k: int) -> None:
-        self.done += k
-        if self.enabled is False:
-            return
-        if self.bar is None and not self.text:
-            if self.enabled is None and time.perf_counter() - self.t0 < self.delay:
-                return
-            try:
-                from tqdm.auto import tqdm
-
-                self.bar = tqdm(total=self.total, initial=self.done, unit="text",
-                                desc="metalora.embed", leave=False)
-                return
-            except ImportError:
-                self.text = True
-        if self.bar is not None:
-            self.bar.update(k)
-        else:
-            sys.stderr.write(f"\rmetalora.embed: {self.done}/{self.total} texts")
-            sys.stderr.flush()
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-        elif self.text:
-            sys.stderr.write("\n")
 
 
 class Embedder:
@@ -391,7 +353,7 @@ class Embedder:
             lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=m)
             order = np.argsort(lengths, kind="stable")
             out: Optional[np.ndarray] = None
-            prog = _Progress(m, self.progress)
+            prog = Progress(m, "metalora.embed", "text", self.progress)
             try:
                 for idx in self._batches(order, lengths):
                     e = self._run_batch([ids[i] for i in idx], int(lengths[idx[-1]]))

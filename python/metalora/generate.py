@@ -14,14 +14,14 @@ histograms under the base model's tokenizer (``tokenizer=``).
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Optional, Union
 
 import numpy as np
 
+from ._progress import Progress
 from .adapter import Adapter
 from .bank import Bank, combine_adapters
 from .coefficients import OPERATORS, NeuralOperator, coefficients, select_temperature
@@ -85,16 +85,18 @@ def bank_signatures(bank: Bank, *, kind: str = "embedding", embedder=None, token
     missing = [k for k in bank.ids if bank.dataset_path(k) is None]
     if missing:
         raise ValueError(f"bank adapters {missing[:5]} have no dataset: add a \"dataset\" path to "
-                         f"their line of the bank's {'bank.jsonl'} manifest")
-    sigs = []
-    t0 = time.perf_counter()
-    for i, k in enumerate(bank.ids):
-        sigs.append(signature(bank.dataset_path(k), kind=kind, embedder=embedder,
-                              tokenizer=tokenizer, cache=cache, n=n, seed=seed))
-        if progress and time.perf_counter() - t0 > 2.0:
-            print(f"\r  bank signatures {i + 1}/{len(bank)}", end="", flush=True)
-    if progress and time.perf_counter() - t0 > 2.0:
-        print()
+                         f"their line of the bank's bank.jsonl manifest")
+    if kind == "embedding" and embedder is None:
+        from .embed import Embedder
+
+        embedder = Embedder(progress=False)  # one bar for the whole bank below
+    with Progress(len(bank), "metalora bank signatures", "dataset",
+                  None if progress else False) as bar:
+        sigs = []
+        for k in bank.ids:
+            sigs.append(signature(bank.dataset_path(k), kind=kind, embedder=embedder,
+                                  tokenizer=tokenizer, cache=cache, n=n, seed=seed))
+            bar.update()
     return sigs
 
 
