@@ -231,22 +231,6 @@ void run_project(std::vector<Job>& jobs, int threads) {
   });
 }
 
-const Kernels* kernels_for(Isa isa) {
-  switch (isa) {
-    case Isa::kSerial: return &kSerial;
-#if defined(METALORA_HAVE_AVX2)
-    case Isa::kAvx2: return &kAvx2;
-#endif
-#if defined(METALORA_HAVE_AVX512)
-    case Isa::kAvx512: return &kAvx512;
-#endif
-#if defined(METALORA_HAVE_NEON)
-    case Isa::kNeon: return &kNeon;
-#endif
-    default: return nullptr;
-  }
-}
-
-const Kernels& kernels() { return *kernels_for(active_isa()); }
+#include "../common/kernel_levels_impl.hpp"
 
 }  // namespace metalora::combine
