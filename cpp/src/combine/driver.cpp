@@ -97,14 +97,7 @@ void finish_gram(const double* G, std::size_t Rp, std::size_t R, double* out) {
 
 }  // namespace
 
-int resolve_threads(int threads) {
-#if defined(_OPENMP)
-  return threads > 0 ? threads : omp_get_max_threads();
-#else
-  (void)threads;
-  return 1;
-#endif
-}
+#include "../common/threads_impl.hpp"
 
 void run_linear(std::vector<Job>& jobs, int threads) {
   const Kernels& k = kernels();

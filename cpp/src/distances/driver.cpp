@@ -383,14 +383,7 @@ struct Matrix {
 
 }  // namespace
 
-int resolve_threads(int threads) {
-#if defined(_OPENMP)
-  return threads > 0 ? threads : omp_get_max_threads();
-#else
-  (void)threads;
-  return 1;
-#endif
-}
+#include "../common/threads_impl.hpp"
 
 template <class T>
 void cost_matrix(const T* X, std::size_t n, const T* Y, std::size_t m, std::size_t d, int kind,
