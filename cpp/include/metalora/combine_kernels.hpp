@@ -33,20 +33,7 @@ struct Kernels {
                    std::size_t mp, float* Y, std::size_t ldy);
 };
 
-// The table of a level; nullptr when that level is not compiled in.
-const Kernels* kernels_for(Isa isa);
-// The table of the active level.
-const Kernels& kernels();
-
-extern const Kernels kSerial;
-#if defined(METALORA_HAVE_AVX2)
-extern const Kernels kAvx2;
-#endif
-#if defined(METALORA_HAVE_AVX512)
-extern const Kernels kAvx512;
-#endif
-#if defined(METALORA_HAVE_NEON)
-extern const Kernels kNeon;
-#endif
+// kernels_for(isa), kernels() and the tables kSerial, kAvx2, kAvx512, kNeon.
+#include "metalora/kernel_levels.hpp"
 
 }  // namespace metalora::combine

@@ -97,14 +97,7 @@ void finish_gram(const double* G, std::size_t Rp, std::size_t R, double* out) {
 
 }  // namespace
 
-int resolve_threads(int threads) {
-#if defined(_OPENMP)
-  return threads > 0 ? threads : omp_get_max_threads();
-#else
-  (void)threads;
-  return 1;
-#endif
-}
+#include "../common/threads_impl.hpp"
 
 void run_linear(std::vector<Job>& jobs, int threads) {
   const Kernels& k = kernels();
@@ -231,22 +224,6 @@ void run_project(std::vector<Job>& jobs, int threads) {
   });
 }
 
-const Kernels* kernels_for(Isa isa) {
-  switch (isa) {
-    case Isa::kSerial: return &kSerial;
-#if defined(METALORA_HAVE_AVX2)
-    case Isa::kAvx2: return &kAvx2;
-#endif
-#if defined(METALORA_HAVE_AVX512)
-    case Isa::kAvx512: return &kAvx512;
-#endif
-#if defined(METALORA_HAVE_NEON)
-    case Isa::kNeon: return &kNeon;
-#endif
-    default: return nullptr;
-  }
-}
-
-const Kernels& kernels() { return *kernels_for(active_isa()); }
+#include "../common/kernel_levels_impl.hpp"
 
 }  // namespace metalora::combine

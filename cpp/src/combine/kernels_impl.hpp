@@ -1,20 +1,22 @@
 // Generic bodies of the combination kernels, written once over a small vector-traits class V.
 //
-// Each instruction-set file (kernels_serial.cpp, kernels_avx2.cpp, ...) defines its traits in an
-// anonymous namespace and includes this file there, so every instantiation has internal linkage
-// and is compiled with that file's target flags only (no ODR mixing of AVX-512 code into the
-// baseline build). This file therefore includes no standard headers and uses builtins only.
+// Each instruction-set file (kernels_serial.cpp, kernels_avx2.cpp, ...) includes that level's
+// shared vector traits (cpp/src/simd/vec_<isa>.hpp: VecF32, VecF64) and then this file inside an
+// anonymous namespace, so every instantiation has internal linkage and is compiled with that
+// file's target flags only (no ODR mixing of AVX-512 code into the baseline build). This file
+// therefore includes no standard headers and uses builtins only.
 //
-// V provides: W (floats per vector), F, zero, set1, load, store, load_bf16, load_f16,
-// fma(a, b, c) = a * b + c with one rounding where the level has FMA; and the float64 twins
-// WD, D, dzero, dset1, dload, dstore, dfma.
+// The float32 kernels take V = VecF32: W (floats per vector), R, zero, set1, load, store,
+// load_bf16, load_f16, fma(a, b, c) = a * b + c with one rounding where the level has FMA; the
+// float64 ones (syrk, gemm) take V = VecF64: W (doubles per vector), R, zero, set1, load, store,
+// fma.
 
 using std::size_t;
 using metalora::DType;
 using metalora::Src;
 
 template <class V, DType D>
-inline typename V::F load_as_f32(const void* p, size_t i) {
+inline typename V::R load_as_f32(const void* p, size_t i) {
   if constexpr (D == DType::kF32) {
     return V::load(static_cast<const float*>(p) + i);
   } else if constexpr (D == DType::kBF16) {
@@ -27,7 +29,7 @@ inline typename V::F load_as_f32(const void* p, size_t i) {
 // Loads t < W elements, zero padded, through a small stack buffer: the tail of an array is
 // computed by the same vector instructions as its body.
 template <class V, DType D>
-inline typename V::F load_tail_as_f32(const void* p, size_t i, size_t t) {
+inline typename V::R load_tail_as_f32(const void* p, size_t i, size_t t) {
   constexpr size_t esz = D == DType::kF32 ? 4 : 2;
   alignas(64) unsigned char buf[V::W * 4] = {};
   __builtin_memcpy(buf, static_cast<const unsigned char*>(p) + i * esz, t * esz);
@@ -35,7 +37,7 @@ inline typename V::F load_tail_as_f32(const void* p, size_t i, size_t t) {
 }
 
 template <class V>
-inline void store_tail(float* out, typename V::F v, size_t t) {
+inline void store_tail(float* out, typename V::R v, size_t t) {
   alignas(64) float buf[V::W];
   V::store(buf, v);
   for (size_t k = 0; k < t; ++k) out[k] = buf[k];
@@ -45,15 +47,15 @@ inline void store_tail(float* out, typename V::F v, size_t t) {
 // chain fma(c[Q-1], x_{Q-1}, ... fma(c[0], x_0, out)): the same bits as Q single-source
 // passes, but one read-modify-write of `out` per Q sources and Q concurrent input streams.
 template <class V, DType D, bool First, int Q>
-inline typename V::F axpy_chain(const void* const* x, const typename V::F* c, size_t i,
-                                typename V::F acc) {
+inline typename V::R axpy_chain(const void* const* x, const typename V::R* c, size_t i,
+                                typename V::R acc) {
   for (int q = 0; q < Q; ++q) acc = V::fma(c[q], load_as_f32<V, D>(x[q], i), acc);
   return acc;
 }
 
 template <class V, DType D, bool First, int Q>
 inline void axpy(const void* const* x, const float* coef, size_t n, float* out) {
-  using F = typename V::F;
+  using F = typename V::R;
   F c[Q];
   for (int q = 0; q < Q; ++q) c[q] = V::set1(coef[q]);
   const F z = V::zero();
@@ -132,7 +134,7 @@ constexpr size_t kMixBlock = 128;
 template <class V>
 void rowmix_impl(const Src* src, size_t nsrc, const float* coef, size_t m, size_t n, float* out,
                  size_t ldo) {
-  using F = typename V::F;
+  using F = typename V::R;
   if (nsrc == 0) {
     for (size_t k = 0; k < m; ++k)
       for (size_t i = 0; i < n; ++i) out[k * ldo + i] = 0.0f;
@@ -191,10 +193,10 @@ void rowmix_impl(const Src* src, size_t nsrc, const float* coef, size_t m, size_
 
 template <class V>
 void scale_to_f32_impl(Src x, float scale, size_t n, float* dst) {
-  const typename V::F s = V::set1(scale);
+  const typename V::R s = V::set1(scale);
   // The addend is -0, not +0: x + (-0) == x for every x, including x = -0, whereas -0 + (+0) is
   // +0. With +0 the "exact" copy of cat mode (scale 1) turned negative zeros into positive ones.
-  const typename V::F z = V::set1(-0.0f);
+  const typename V::R z = V::set1(-0.0f);
   size_t i = 0;
   switch (x.dt) {
     case DType::kF32:
@@ -217,7 +219,7 @@ void scale_to_f64_impl(Src x, double scale, size_t n, double* dst) {
   alignas(64) float tmp[V::W];
   for (size_t i = 0; i < n; i += V::W) {
     const size_t t = n - i < V::W ? n - i : V::W;
-    typename V::F v;
+    typename V::R v;
     switch (x.dt) {
       case DType::kF32: v = t == V::W ? load_as_f32<V, DType::kF32>(x.ptr, i) : load_tail_as_f32<V, DType::kF32>(x.ptr, i, t); break;
       case DType::kBF16: v = t == V::W ? load_as_f32<V, DType::kBF16>(x.ptr, i) : load_tail_as_f32<V, DType::kBF16>(x.ptr, i, t); break;
@@ -232,45 +234,45 @@ void scale_to_f64_impl(Src x, double scale, size_t n, double* dst) {
 // one or two vectors of columns, the t loop innermost with the accumulators in registers.
 template <class V>
 void syrk_f64_impl(const double* X, size_t n, size_t R, double* G) {
-  using D = typename V::D;
-  constexpr size_t WD = V::WD;
+  using D = typename V::R;
+  constexpr size_t WD = V::W;
   for (size_t i0 = 0; i0 < R; i0 += 4) {
     const size_t jstart = i0 / WD * WD;
     size_t j = jstart;
     for (; j + 2 * WD <= R; j += 2 * WD) {
-      D a00 = V::dzero(), a01 = V::dzero(), a10 = V::dzero(), a11 = V::dzero();
-      D a20 = V::dzero(), a21 = V::dzero(), a30 = V::dzero(), a31 = V::dzero();
+      D a00 = V::zero(), a01 = V::zero(), a10 = V::zero(), a11 = V::zero();
+      D a20 = V::zero(), a21 = V::zero(), a30 = V::zero(), a31 = V::zero();
       for (size_t t = 0; t < n; ++t) {
         const double* row = X + t * R;
-        const D y0 = V::dload(row + j), y1 = V::dload(row + j + WD);
-        const D x0 = V::dset1(row[i0]), x1 = V::dset1(row[i0 + 1]);
-        const D x2 = V::dset1(row[i0 + 2]), x3 = V::dset1(row[i0 + 3]);
-        a00 = V::dfma(x0, y0, a00); a01 = V::dfma(x0, y1, a01);
-        a10 = V::dfma(x1, y0, a10); a11 = V::dfma(x1, y1, a11);
-        a20 = V::dfma(x2, y0, a20); a21 = V::dfma(x2, y1, a21);
-        a30 = V::dfma(x3, y0, a30); a31 = V::dfma(x3, y1, a31);
+        const D y0 = V::load(row + j), y1 = V::load(row + j + WD);
+        const D x0 = V::set1(row[i0]), x1 = V::set1(row[i0 + 1]);
+        const D x2 = V::set1(row[i0 + 2]), x3 = V::set1(row[i0 + 3]);
+        a00 = V::fma(x0, y0, a00); a01 = V::fma(x0, y1, a01);
+        a10 = V::fma(x1, y0, a10); a11 = V::fma(x1, y1, a11);
+        a20 = V::fma(x2, y0, a20); a21 = V::fma(x2, y1, a21);
+        a30 = V::fma(x3, y0, a30); a31 = V::fma(x3, y1, a31);
       }
       const D acc[4][2] = {{a00, a01}, {a10, a11}, {a20, a21}, {a30, a31}};
       for (size_t q = 0; q < 4; ++q) {
         double* g = G + (i0 + q) * R + j;
-        V::dstore(g, V::dfma(V::dset1(1.0), acc[q][0], V::dload(g)));
-        V::dstore(g + WD, V::dfma(V::dset1(1.0), acc[q][1], V::dload(g + WD)));
+        V::store(g, V::fma(V::set1(1.0), acc[q][0], V::load(g)));
+        V::store(g + WD, V::fma(V::set1(1.0), acc[q][1], V::load(g + WD)));
       }
     }
     for (; j < R; j += WD) {
-      D a0 = V::dzero(), a1 = V::dzero(), a2 = V::dzero(), a3 = V::dzero();
+      D a0 = V::zero(), a1 = V::zero(), a2 = V::zero(), a3 = V::zero();
       for (size_t t = 0; t < n; ++t) {
         const double* row = X + t * R;
-        const D y = V::dload(row + j);
-        a0 = V::dfma(V::dset1(row[i0]), y, a0);
-        a1 = V::dfma(V::dset1(row[i0 + 1]), y, a1);
-        a2 = V::dfma(V::dset1(row[i0 + 2]), y, a2);
-        a3 = V::dfma(V::dset1(row[i0 + 3]), y, a3);
+        const D y = V::load(row + j);
+        a0 = V::fma(V::set1(row[i0]), y, a0);
+        a1 = V::fma(V::set1(row[i0 + 1]), y, a1);
+        a2 = V::fma(V::set1(row[i0 + 2]), y, a2);
+        a3 = V::fma(V::set1(row[i0 + 3]), y, a3);
       }
       const D acc[4] = {a0, a1, a2, a3};
       for (size_t q = 0; q < 4; ++q) {
         double* g = G + (i0 + q) * R + j;
-        V::dstore(g, V::dfma(V::dset1(1.0), acc[q], V::dload(g)));
+        V::store(g, V::fma(V::set1(1.0), acc[q], V::load(g)));
       }
     }
   }
@@ -280,33 +282,33 @@ void syrk_f64_impl(const double* X, size_t n, size_t R, double* G) {
 template <class V>
 void gemm_f64_impl(const double* X, size_t n, size_t R, const double* P, size_t m, size_t mp,
                    float* Y, size_t ldy) {
-  using D = typename V::D;
-  constexpr size_t WD = V::WD;
+  using D = typename V::R;
+  constexpr size_t WD = V::W;
   alignas(64) double tmp[4 * WD];
   for (size_t t = 0; t < n; ++t) {
     const double* x = X + t * R;
     for (size_t k0 = 0; k0 < mp; k0 += 4 * WD) {
       const size_t nv = (mp - k0) / WD < 4 ? (mp - k0) / WD : 4;
-      D a0 = V::dzero(), a1 = V::dzero(), a2 = V::dzero(), a3 = V::dzero();
+      D a0 = V::zero(), a1 = V::zero(), a2 = V::zero(), a3 = V::zero();
       for (size_t p = 0; p < R; ++p) {
-        const D xp = V::dset1(x[p]);
+        const D xp = V::set1(x[p]);
         const double* prow = P + p * mp + k0;
-        a0 = V::dfma(xp, V::dload(prow), a0);
-        if (nv > 1) a1 = V::dfma(xp, V::dload(prow + WD), a1);
-        if (nv > 2) a2 = V::dfma(xp, V::dload(prow + 2 * WD), a2);
-        if (nv > 3) a3 = V::dfma(xp, V::dload(prow + 3 * WD), a3);
+        a0 = V::fma(xp, V::load(prow), a0);
+        if (nv > 1) a1 = V::fma(xp, V::load(prow + WD), a1);
+        if (nv > 2) a2 = V::fma(xp, V::load(prow + 2 * WD), a2);
+        if (nv > 3) a3 = V::fma(xp, V::load(prow + 3 * WD), a3);
       }
-      V::dstore(tmp, a0);
-      if (nv > 1) V::dstore(tmp + WD, a1);
-      if (nv > 2) V::dstore(tmp + 2 * WD, a2);
-      if (nv > 3) V::dstore(tmp + 3 * WD, a3);
+      V::store(tmp, a0);
+      if (nv > 1) V::store(tmp + WD, a1);
+      if (nv > 2) V::store(tmp + 2 * WD, a2);
+      if (nv > 3) V::store(tmp + 3 * WD, a3);
       for (size_t k = k0; k < k0 + nv * WD && k < m; ++k) Y[t * ldy + k] = static_cast<float>(tmp[k - k0]);
     }
   }
 }
 
-template <class V>
+template <class VF, class VD>
 constexpr metalora::combine::Kernels make_kernels() {
-  return metalora::combine::Kernels{&rowmix_impl<V>, &scale_to_f32_impl<V>, &scale_to_f64_impl<V>,
-                                    &syrk_f64_impl<V>, &gemm_f64_impl<V>};
+  return metalora::combine::Kernels{&rowmix_impl<VF>, &scale_to_f32_impl<VF>, &scale_to_f64_impl<VF>,
+                                    &syrk_f64_impl<VD>, &gemm_f64_impl<VD>};
 }

@@ -383,14 +383,7 @@ struct Matrix {
 
 }  // namespace
 
-int resolve_threads(int threads) {
-#if defined(_OPENMP)
-  return threads > 0 ? threads : omp_get_max_threads();
-#else
-  (void)threads;
-  return 1;
-#endif
-}
+#include "../common/threads_impl.hpp"
 
 template <class T>
 void cost_matrix(const T* X, std::size_t n, const T* Y, std::size_t m, std::size_t d, int kind,
@@ -817,22 +810,6 @@ template void kernel_sums<float>(const float*, std::size_t, const float*, std::s
 template void kernel_sums<double>(const double*, std::size_t, const double*, std::size_t,
                                   std::size_t, int, const double*, std::size_t, int, double[3]);
 
-const Kernels* kernels_for(Isa isa) {
-  switch (isa) {
-    case Isa::kSerial: return &kSerial;
-#if defined(METALORA_HAVE_AVX2)
-    case Isa::kAvx2: return &kAvx2;
-#endif
-#if defined(METALORA_HAVE_AVX512)
-    case Isa::kAvx512: return &kAvx512;
-#endif
-#if defined(METALORA_HAVE_NEON)
-    case Isa::kNeon: return &kNeon;
-#endif
-    default: return nullptr;
-  }
-}
-
-const Kernels& kernels() { return *kernels_for(active_isa()); }
+#include "../common/kernel_levels_impl.hpp"
 
 }  // namespace metalora::distances

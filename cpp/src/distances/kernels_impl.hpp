@@ -1,20 +1,27 @@
 // Generic bodies of the distance kernels, written once over a vector-traits class V.
 //
-// Each instruction-set file (kernels_serial.cpp, kernels_avx2.cpp, ...) defines two traits
-// classes (float32 and float64 lanes) in an anonymous namespace and includes this file there,
-// so every instantiation has internal linkage and is compiled with that file's target flags only
-// (no ODR mixing of AVX-512 code into the baseline build). This file includes no standard headers
-// and uses compiler builtins only.
+// Each instruction-set file (kernels_serial.cpp, kernels_avx2.cpp, ...) includes that level's
+// shared vector traits (cpp/src/simd/vec_<isa>.hpp: VecF32, VecF64) and then this file inside an
+// anonymous namespace, so every instantiation has internal linkage and is compiled with that
+// file's target flags only (no ODR mixing of AVX-512 code into the baseline build). This file
+// includes no standard headers and uses compiler builtins only.
 //
-// V provides: T (lane type), R (register), W (lanes), MR (rows of the GEMM micro-kernel), NRV
-// (vectors of columns of the micro-kernel), zero, set1, load, store, add, sub, mul, div, fma
-// (a * b + c, one rounding where the level has FMA), max, min, sqrt; kLibm = true when the level
-// computes exp with the C library one lane at a time (the serial oracle, V::exp), otherwise
-// exp2i(t) = 2^(bits(t) - bits(magic)) for the exponent trick of the vectorised exp below.
+// V is dk::Tiled<VecF32 or VecF64, MR, NRV>: the level's traits, which provide T (lane type),
+// R (register), W (lanes), zero, set1, load, store, add, sub, mul, div, fma (a * b + c, one
+// rounding where the level has FMA), max, min, sqrt; kLibm = true when the level computes exp
+// with the C library one lane at a time (the serial oracle, V::exp), otherwise exp2i(t) =
+// 2^(bits(t) - bits(magic)) for the exponent trick of the vectorised exp below; plus this family's
+// tiling of the GEMM micro-kernel for the level: MR (rows), NRV (vectors of columns).
 
 using std::size_t;
 
 namespace dk {
+
+// A level's shared vector traits plus the GEMM micro-kernel tile this family uses on it.
+template <class Vec, size_t kMR, size_t kNRV>
+struct Tiled : Vec {
+  static constexpr size_t MR = kMR, NRV = kNRV;
+};
 
 using metalora::distances::kMultiscale;
 using metalora::distances::kRbf;

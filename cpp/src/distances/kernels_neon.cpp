@@ -8,58 +8,11 @@
 
 namespace {
 
-struct NeonF {
-  using T = float;
-  using R = float32x4_t;
-  static constexpr std::size_t W = 4, MR = 8, NRV = 2;
-  static constexpr bool kLibm = false;
-  static R zero() { return vdupq_n_f32(0.0f); }
-  static R set1(T x) { return vdupq_n_f32(x); }
-  static R load(const T* p) { return vld1q_f32(p); }
-  static void store(T* p, R v) { vst1q_f32(p, v); }
-  static R add(R a, R b) { return vaddq_f32(a, b); }
-  static R sub(R a, R b) { return vsubq_f32(a, b); }
-  static R mul(R a, R b) { return vmulq_f32(a, b); }
-  static R div(R a, R b) { return vdivq_f32(a, b); }
-  static R fma(R a, R b, R c) { return vfmaq_f32(c, a, b); }
-  static R max(R a, R b) { return vmaxq_f32(a, b); }
-  static R min(R a, R b) { return vminq_f32(a, b); }
-  static R sqrt(R a) { return vsqrtq_f32(a); }
-  static R exp(R a) { return a; }  // unused: !kLibm
-  static R exp2i(R t) {
-    const int32x4_t e = vaddq_s32(vreinterpretq_s32_f32(t), vdupq_n_s32(127));
-    return vreinterpretq_f32_s32(vshlq_n_s32(e, 23));
-  }
-};
-
-struct NeonD {
-  using T = double;
-  using R = float64x2_t;
-  static constexpr std::size_t W = 2, MR = 8, NRV = 2;
-  static constexpr bool kLibm = false;
-  static R zero() { return vdupq_n_f64(0.0); }
-  static R set1(T x) { return vdupq_n_f64(x); }
-  static R load(const T* p) { return vld1q_f64(p); }
-  static void store(T* p, R v) { vst1q_f64(p, v); }
-  static R add(R a, R b) { return vaddq_f64(a, b); }
-  static R sub(R a, R b) { return vsubq_f64(a, b); }
-  static R mul(R a, R b) { return vmulq_f64(a, b); }
-  static R div(R a, R b) { return vdivq_f64(a, b); }
-  static R fma(R a, R b, R c) { return vfmaq_f64(c, a, b); }
-  static R max(R a, R b) { return vmaxq_f64(a, b); }
-  static R min(R a, R b) { return vminq_f64(a, b); }
-  static R sqrt(R a) { return vsqrtq_f64(a); }
-  static R exp(R a) { return a; }  // unused: !kLibm
-  static R exp2i(R t) {
-    const int64x2_t e = vaddq_s64(vreinterpretq_s64_f64(t), vdupq_n_s64(1023));
-    return vreinterpretq_f64_s64(vshlq_n_s64(e, 52));
-  }
-};
-
+#include "../simd/vec_neon.hpp"
 #include "kernels_impl.hpp"
 
 }  // namespace
 
 namespace metalora::distances {
-const Kernels kNeon = make_kernels<NeonF, NeonD>();
+const Kernels kNeon = make_kernels<dk::Tiled<VecF32, 8, 2>, dk::Tiled<VecF64, 8, 2>>();
 }
