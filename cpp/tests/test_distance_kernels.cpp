@@ -20,6 +20,11 @@
 // reports the worst error in units of u (the dtype's unit roundoff) times the kernel's scale
 // (named below), the worst fraction of the tolerance used, the worst distance to the serial level
 // in the same unit, and a digest of the output bits (equal digests = bit-identical outputs).
+// Inputs are the same on every platform (every random draw is its own statement). Expected bit
+// equalities: serial on x86-64 and arm64 (no contraction; glibc's exp/expf agree here); gram and
+// vexp on every FMA level (avx2, avx512, neon: the same ordered FMA chain per element); pack's
+// layout, and the reductions of sqnorm / softmin / ksum, depend on the level's vector width, so
+// those only agree within the bounds. The level's overall digest mixes all of them.
 #include <cinttypes>
 #include <cmath>
 #include <cstdarg>
@@ -524,11 +529,8 @@ void test_exp(Ctx& c, Rng& rng) {
   for (double v : {0.0, -0.0, 1e-30, -1e-30, lo, lo + 1e-3, lo - 1e-3, -1e4, -1e300})
     xs.push_back(v);
   xs.push_back(-INFINITY);
-  std::vector<T> D;
-  for (double x : xs) {
-    const T t = static_cast<T>(x);
-    if (std::isinf(x) || (t >= T(lo) && t <= T(10)) || t < T(lo)) D.push_back(-t);
-  }
+  std::vector<T> D;  // ksum computes exp(-1 * D) = exp(x)
+  for (double x : xs) D.push_back(-static_cast<T>(x));
   const size_t n = D.size();
   Out<double> o(n);
   const T one = T(1);
