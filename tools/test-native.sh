@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Build and run the standalone C++ kernel test (cpp/tests/test_kernels.cpp) without Python:
+# Build and run the standalone C++ kernel tests without Python, one binary per kernel family:
+# cpp/tests/test_kernels.cpp (combine kernels) and cpp/tests/test_distance_kernels.cpp (distance
+# kernels: GEMM pack/gram, sqnorm, Sinkhorn softmin, kernel sums ksum), each
 #   * natively (x86-64: serial + AVX2 + AVX-512 compiled in, run at every level this CPU has;
 #     arm64: serial + NEON);
 #   * cross-compiled for arm64 and run under qemu-aarch64 (serial + NEON), when
@@ -12,7 +14,9 @@
 #   --no-native    skip the native run
 # Env: CXX (native compiler, default g++), AARCH64_CXX (default aarch64-linux-gnu-g++),
 #      QEMU_AARCH64 (default qemu-aarch64), BUILD_DIR (default build/kernel-test).
-# Exit status: non-zero if any build or any level fails.
+# Prints which levels passed where, per family, and the output digests (equal digests =
+# bit-identical results across levels and machines).
+# Exit status: non-zero if any build or any level of either family fails.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -23,7 +27,7 @@ for arg in "$@"; do
     --neon) neon=yes ;;
     --no-neon) neon=no ;;
     --no-native) native=0 ;;
-    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
     *) echo "unknown argument: $arg" >&2; exit 2 ;;
   esac
 done
@@ -33,14 +37,16 @@ AARCH64_CXX=${AARCH64_CXX:-aarch64-linux-gnu-g++}
 QEMU_AARCH64=${QEMU_AARCH64:-qemu-aarch64}
 BUILD_DIR=${BUILD_DIR:-build/kernel-test}
 mkdir -p "$BUILD_DIR"
-rm -f "$BUILD_DIR/native/test.log" "$BUILD_DIR/aarch64/test.log"
+rm -f "$BUILD_DIR"/native/*.log "$BUILD_DIR"/aarch64/*.log
 
 # Same floating-point settings as CMakeLists.txt: no contraction (the serial level is a plain
 # two-rounding reference), no fast-math. No OpenMP: the kernels are single-threaded and the
-# driver's pragmas are ignored (-Wno-unknown-pragmas).
+# drivers' pragmas are ignored (-Wno-unknown-pragmas).
 COMMON=(-std=c++17 -O2 -ffp-contract=off -fno-math-errno -Icpp/include -Wall -Wextra -Wno-unknown-pragmas)
-KSRC=cpp/src/combine
-SHARED_SRCS=(cpp/tests/test_kernels.cpp cpp/src/common/isa.cpp "$KSRC/driver.cpp" "$KSRC/kernels_serial.cpp")
+# The two kernel families: name, test source, kernel directory. Each gets its own binary
+# (build/kernel-test/<arch>/test_<name>) and log (<name>.log next to it).
+FAMILIES=("combine cpp/tests/test_kernels.cpp cpp/src/combine"
+          "distances cpp/tests/test_distance_kernels.cpp cpp/src/distances")
 summary=()
 secs() { local ms=$(( ($2 - $1) / 1000000 )); printf '%d.%d' $((ms / 1000)) $((ms % 1000 / 100)); }
 status=0
@@ -50,61 +56,67 @@ compile() {  # compile <cxx> <obj> <src> [flags...]
   "$cxx" "${COMMON[@]}" "$@" -c "$src" -o "$obj"
 }
 
-run_native() {
-  local arch out="$BUILD_DIR/native" objs=() defs=() base=()
-  arch=$(uname -m)
+# build_run <where-label> <cxx> <out-dir> <simd: "x86" | "neon" | ""> <link flags> <runner...>
+# Builds and runs both families for one target; appends one summary line per family.
+build_run() {
+  local label=$1 cxx=$2 out=$3 simd=$4 ldflags=$5; shift 5
+  local runner=("$@") defs=() base=()
   mkdir -p "$out"
+  case "$simd" in
+    x86) defs=(-DMETALORA_HAVE_AVX2 -DMETALORA_HAVE_AVX512); base=(-march=x86-64 -mtune=generic) ;;
+    neon-cross) defs=(-DMETALORA_HAVE_NEON); base=(-march=armv8-a) ;;
+    neon) defs=(-DMETALORA_HAVE_NEON) ;;
+  esac
+  compile "$cxx" "$out/isa.o" cpp/src/common/isa.cpp "${defs[@]}" "${base[@]}"
+  local fam name tsrc ksrc
+  for fam in "${FAMILIES[@]}"; do
+    read -r name tsrc ksrc <<<"$fam"
+    local o="$out/$name" objs=("$out/isa.o")
+    mkdir -p "$o"
+    case "$simd" in
+      x86)
+        compile "$cxx" "$o/kernels_avx2.o" "$ksrc/kernels_avx2.cpp" "${defs[@]}" "${base[@]}" -mavx2 -mfma -mf16c
+        compile "$cxx" "$o/kernels_avx512.o" "$ksrc/kernels_avx512.cpp" "${defs[@]}" "${base[@]}" \
+          -mavx512f -mavx512bw -mavx512vl -mavx512dq -mavx2 -mfma -mf16c \
+          -Wno-maybe-uninitialized  # GCC 12 false positive inside avx512fintrin.h (GCC PR 105593)
+        objs+=("$o/kernels_avx2.o" "$o/kernels_avx512.o") ;;
+      neon|neon-cross)
+        compile "$cxx" "$o/kernels_neon.o" "$ksrc/kernels_neon.cpp" "${defs[@]}" "${base[@]}"
+        objs+=("$o/kernels_neon.o") ;;
+    esac
+    compile "$cxx" "$o/kernels_serial.o" "$ksrc/kernels_serial.cpp" "${defs[@]}" "${base[@]}"
+    # Without OpenMP the drivers' thread-count parameters and task counts go unused.
+    compile "$cxx" "$o/driver.o" "$ksrc/driver.cpp" "${defs[@]}" "${base[@]}" -Wno-unused-parameter -Wno-unused-variable
+    compile "$cxx" "$o/test.o" "$tsrc" "${defs[@]}" "${base[@]}"
+    objs+=("$o/kernels_serial.o" "$o/driver.o" "$o/test.o")
+    # shellcheck disable=SC2086
+    "$cxx" $ldflags "${objs[@]}" -o "$out/test_$name"
+    echo "== $label, $name kernels: $out/test_$name"
+    local log="$out/$name.log" t0 t1
+    t0=$(date +%s%N)
+    if "${runner[@]}" "$out/test_$name" | tee "$log"; then :; else status=1; fi
+    t1=$(date +%s%N)
+    summary+=("$label, $name: $(grep -E '^\[' "$log" | sed -E 's/^\[([a-z0-9]+)\] ([A-Z]+).*/\1=\2/' | tr '\n' ' ')($(secs "$t0" "$t1") s)")
+  done
+}
+
+run_native() {
+  local arch simd=""
+  arch=$(uname -m)
   case "$arch" in
-    x86_64|amd64)
-      defs=(-DMETALORA_HAVE_AVX2 -DMETALORA_HAVE_AVX512)
-      base=(-march=x86-64 -mtune=generic)
-      compile "$CXX" "$out/kernels_avx2.o" "$KSRC/kernels_avx2.cpp" "${defs[@]}" "${base[@]}" -mavx2 -mfma -mf16c
-      compile "$CXX" "$out/kernels_avx512.o" "$KSRC/kernels_avx512.cpp" "${defs[@]}" "${base[@]}" \
-        -mavx512f -mavx512bw -mavx512vl -mavx512dq -mavx2 -mfma -mf16c \
-        -Wno-maybe-uninitialized  # GCC 12 false positive inside avx512fintrin.h (GCC PR 105593)
-      objs+=("$out/kernels_avx2.o" "$out/kernels_avx512.o")
-      ;;
-    aarch64|arm64)
-      defs=(-DMETALORA_HAVE_NEON)
-      compile "$CXX" "$out/kernels_neon.o" "$KSRC/kernels_neon.cpp" "${defs[@]}"
-      objs+=("$out/kernels_neon.o")
-      ;;
+    x86_64|amd64) simd=x86 ;;
+    aarch64|arm64) simd=neon ;;
     *) echo "note: no SIMD level for $arch; testing the serial level only" ;;
   esac
-  for src in "${SHARED_SRCS[@]}"; do
-    local o="$out/$(basename "${src%.cpp}").o"
-    compile "$CXX" "$o" "$src" "${defs[@]}" "${base[@]}"
-    objs+=("$o")
-  done
-  "$CXX" "${objs[@]}" -o "$out/test_kernels"
-  echo "== native ($arch, $("$CXX" --version | head -1)): $out/test_kernels"
-  local log="$out/test.log" t0 t1
-  t0=$(date +%s%N)
-  if "$out/test_kernels" | tee "$log"; then :; else status=1; fi
-  t1=$(date +%s%N)
-  summary+=("native $arch: $(grep -E '^\[' "$log" | sed -E 's/^\[([a-z0-9]+)\] ([A-Z]+).*/\1=\2/' | tr '\n' ' ')($(secs "$t0" "$t1") s)")
+  echo "== native ($arch, $("$CXX" --version | head -1))"
+  build_run "native $arch" "$CXX" "$BUILD_DIR/native" "$simd" "" env
 }
 
 run_neon() {
-  local out="$BUILD_DIR/aarch64" objs=() defs=(-DMETALORA_HAVE_NEON)
-  mkdir -p "$out"
   # armv8-a baseline (what every arm64 CPU has; NEON is part of it). -static: qemu-aarch64
   # then needs no aarch64 sysroot (no -L /usr/aarch64-linux-gnu).
-  local base=(-march=armv8-a)
-  compile "$AARCH64_CXX" "$out/kernels_neon.o" "$KSRC/kernels_neon.cpp" "${defs[@]}" "${base[@]}"
-  objs+=("$out/kernels_neon.o")
-  for src in "${SHARED_SRCS[@]}"; do
-    local o="$out/$(basename "${src%.cpp}").o"
-    compile "$AARCH64_CXX" "$o" "$src" "${defs[@]}" "${base[@]}"
-    objs+=("$o")
-  done
-  "$AARCH64_CXX" -static "${objs[@]}" -o "$out/test_kernels"
-  echo "== arm64 under $("$QEMU_AARCH64" --version | head -1) ($("$AARCH64_CXX" --version | head -1)): $out/test_kernels"
-  local log="$out/test.log" t0 t1
-  t0=$(date +%s%N)
-  if "$QEMU_AARCH64" "$out/test_kernels" | tee "$log"; then :; else status=1; fi
-  t1=$(date +%s%N)
-  summary+=("arm64 (qemu-aarch64): $(grep -E '^\[' "$log" | sed -E 's/^\[([a-z0-9]+)\] ([A-Z]+).*/\1=\2/' | tr '\n' ' ')($(secs "$t0" "$t1") s)")
+  echo "== arm64 under $("$QEMU_AARCH64" --version | head -1) ($("$AARCH64_CXX" --version | head -1))"
+  build_run "arm64 (qemu-aarch64)" "$AARCH64_CXX" "$BUILD_DIR/aarch64" neon-cross -static "$QEMU_AARCH64"
 }
 
 if [ "$native" = 1 ]; then run_native; fi
@@ -127,9 +139,9 @@ esac
 
 # Bit-level agreement across levels and machines (informational; the pass/fail above is the
 # tolerance check). Inputs are identical everywhere, so equal digests mean equal output bits.
-digests() {  # lines "where level digest" from the logs that exist
+digests() {  # lines "where level digest" from the logs of family $1 that exist
   local f where
-  for f in "$BUILD_DIR/native/test.log" "$BUILD_DIR/aarch64/test.log"; do
+  for f in "$BUILD_DIR/native/$1.log" "$BUILD_DIR/aarch64/$1.log"; do
     [ -f "$f" ] || continue
     case "$f" in */native/*) where="native-$(uname -m)" ;; *) where=arm64-qemu ;; esac
     sed -nE "s/^\[([a-z0-9]+)\] PASS: .*output digest ([0-9a-f]+)$/$where \1 \2/p" "$f"
@@ -138,9 +150,36 @@ digests() {  # lines "where level digest" from the logs that exist
 echo
 echo "== summary: levels verified"
 for s in "${summary[@]}"; do echo "  $s"; done
-if [ -n "$(digests)" ]; then
-  echo "  output digests (equal = bit-identical results):"
-  digests | sort -k3 | awk '{ g[$3] = g[$3] " " $1 ":" $2 } END { for (d in g) print "    " d ":" g[d] }' | sort
-fi
+for fam in "${FAMILIES[@]}"; do
+  read -r name _ <<<"$fam"
+  if [ -n "$(digests "$name")" ]; then
+    echo "  $name output digests (equal = bit-identical results):"
+    digests "$name" | sort -k3 | awk '{ g[$3] = g[$3] " " $1 ":" $2 } END { for (d in g) print "    " d ":" g[d] }' | sort
+  fi
+done
+# The same per kernel (and dtype): levels whose width or accumulation order differ legitimately
+# differ in the last bits of reductions, and pack's layout depends on the level's panel width,
+# so the overall digests above can only match between levels of the same width.
+kdigests() {  # lines "kernel|where:level|digest" from the logs of family $1 that exist
+  local f where
+  for f in "$BUILD_DIR/native/$1.log" "$BUILD_DIR/aarch64/$1.log"; do
+    [ -f "$f" ] || continue
+    case "$f" in */native/*) where="native-$(uname -m)" ;; *) where=arm64-qemu ;; esac
+    awk -v w="$where" '/^\[[a-z0-9]+\] / { lv = substr($1, 2, length($1) - 2) }
+      /^    [a-z].* worst err .* digest [0-9a-f]+$/ { k = $0; sub(/^ +/, "", k); sub(/ +worst err.*/, "", k)
+        print k "|" w ":" lv "|" $NF }' "$f"
+  done
+}
+for fam in "${FAMILIES[@]}"; do
+  read -r name _ <<<"$fam"
+  if [ -n "$(kdigests "$name")" ]; then
+    echo "  $name per-kernel digests, levels grouped by identical output bits:"
+    kdigests "$name" | sort -t'|' -k1,1 -k3,3 -k2,2 | awk -F'|' '
+      $1 != k { if (k != "") print line "}"; k = $1; d = $3; line = sprintf("    %-20s {%s", k, $2); next }
+      $3 != d { line = line "} {" $2; d = $3; next }
+      { line = line " " $2 }
+      END { if (k != "") print line "}" }'
+  fi
+done
 if [ "$status" = 0 ]; then echo "  result: all levels run passed"; else echo "  result: FAILURES (see above)"; fi
 exit "$status"
