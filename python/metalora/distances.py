@@ -753,6 +753,18 @@ def _evaluate(pairs: list, sigs: list, fn: Callable, threads: int, progress: Any
     return out
 
 
+def _pair_setup(metric: str, sigs: list, params: dict, threads: int) -> tuple:
+    """(signatures, pair function, BLAS-limit context factory or None, threads) for the bank
+    paths. gaussian_w2 works on per-signature statistics, computed once here."""
+    if metric != "gaussian_w2":
+        return sigs, _pair_function(metric, dict(params)), None, threads
+    sigs = [_gaussian_stats(s, params.get("ddof", 1)) for s in sigs]
+    blas = _single_threaded_blas()
+    if blas is None:
+        threads = 1  # LAPACK threads itself: pairs in order
+    return sigs, _gaussian_w2_stats, blas, threads
+
+
 def _values(metric: str, params: dict, pairs: list, sigs: list, fn: Callable, threads: int,
             progress: Any) -> list:
     """The metric over index pairs. For the debiased Sinkhorn divergence,
@@ -853,15 +865,7 @@ def distances(query: Any, bank_signatures: Sequence[Any], *, metric: str, thread
     fast = _fast_matrix(metric, sigs[:1], sigs[1:], params)
     if fast is not None:
         return fast[0]
-    blas = None
-    if metric == "gaussian_w2":
-        sigs = [_gaussian_stats(s, params.get("ddof", 1)) for s in sigs]
-        fn = _gaussian_w2_stats
-        blas = _single_threaded_blas()
-        if blas is None:
-            threads = 1  # LAPACK threads itself: pairs in order
-    else:
-        fn = _pair_function(metric, dict(params))
+    sigs, fn, blas, threads = _pair_setup(metric, sigs, params, threads)
     pairs = [(0, j + 1) for j in range(len(bank))]
     with (blas() if blas else contextlib.nullcontext()):
         vals = _values(metric, params, pairs, sigs, fn, _threads(threads), progress)
@@ -887,15 +891,7 @@ def pairwise_distances(bank_signatures: Sequence[Any], *, metric: str, threads: 
     fast = _fast_matrix(metric, sigs, sigs, params)
     if fast is not None:
         return fast
-    blas = None
-    if metric == "gaussian_w2":
-        sigs = [_gaussian_stats(s, params.get("ddof", 1)) for s in sigs]
-        fn = _gaussian_w2_stats
-        blas = _single_threaded_blas()
-        if blas is None:
-            threads = 1  # LAPACK threads itself: pairs in order
-    else:
-        fn = _pair_function(metric, dict(params))
+    sigs, fn, blas, threads = _pair_setup(metric, sigs, params, threads)
     symmetric = METRICS[metric][1]
     if symmetric:
         pairs = [(i, j) for i in range(K) for j in range(i, K)]
