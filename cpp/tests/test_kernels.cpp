@@ -23,8 +23,6 @@
 // bit-identical results: the serial level should match across x86-64 and arm64 (both
 // compiled without contraction), and the FMA levels (avx2, avx512, neon) should match each
 // other, since every output element is the same ordered chain of FMAs at every width.
-#include <cinttypes>
-#include <cstdarg>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -36,14 +34,25 @@
 #include "metalora/dtype.hpp"
 #include "metalora/half.hpp"
 #include "metalora/isa.hpp"
+#include "test_util.hpp"
 
 using metalora::DType;
 using metalora::Isa;
 using metalora::Src;
 using metalora::combine::Kernels;
+using metalora_test::fmt;
+using metalora_test::kGuard;
+using metalora_test::kU32;
+using metalora_test::kU64;
+using metalora_test::Out;
+using metalora_test::Rng;
+using metalora_test::same_bits;
+using metalora_test::Stat;
 using std::size_t;
 
 namespace {
+
+using Ctx = metalora_test::Ctx<Kernels, 20>;
 
 // ---------------------------------------------------------------------------------------------
 // Tolerances.
@@ -76,29 +85,7 @@ namespace {
 // boundary, hence cross-level agreement within the sum of both bounds, not bit equality.
 // ---------------------------------------------------------------------------------------------
 
-constexpr double kU32 = 5.9604644775390625e-08;   // 2^-24
-constexpr double kU64 = 1.1102230246251565e-16;   // 2^-53
 constexpr double kTiny32 = 1.401298464324817e-45;  // smallest float32 subnormal
-
-// ----- deterministic random numbers ----------------------------------------------------------
-struct Rng {
-  std::uint64_t s;
-  explicit Rng(std::uint64_t seed) : s(seed) {}
-  std::uint64_t next() {  // splitmix64
-    std::uint64_t z = (s += 0x9E3779B97F4A7C15ull);
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    return z ^ (z >> 31);
-  }
-  double uniform() { return static_cast<double>(next() >> 11) * (1.0 / 9007199254740992.0); }
-  // Sign * mantissa in [1, 2) * 2^e with e spread over [-8, 3]: many binades, no zeros.
-  float value() {
-    const double m = 1.0 + uniform();
-    const int e = static_cast<int>(next() % 12) - 8;
-    const double v = std::ldexp(m, e);
-    return static_cast<float>((next() & 1) ? -v : v);
-  }
-};
 
 // ----- correctly rounded float32 -> 16-bit conversions ----------------------------------------
 std::uint32_t f32_bits(float f) {
@@ -140,39 +127,6 @@ std::uint16_t f32_to_f16(float f) {
   return sign | static_cast<std::uint16_t>(h);
 }
 
-// ----- bookkeeping ---------------------------------------------------------------------------
-struct Stat {
-  std::string name;
-  double worst = 0.0;      // max |err| / (u * scale): error in units of the bound's u
-  double worst_tol = 0.0;  // max |err| / tol (must be <= 1)
-  double worst_xlev = 0.0; // max |level - serial| / (u * scale)
-  long checks = 0;
-  std::uint64_t digest = 0xcbf29ce484222325ull;  // FNV-1a over the bits of every output checked
-  void mix(double v) {
-    unsigned char b[8];
-    std::memcpy(b, &v, 8);
-    for (unsigned char x : b) digest = (digest ^ x) * 0x100000001b3ull;
-  }
-};
-
-struct Ctx {
-  Isa isa;
-  const Kernels* k;
-  const Kernels* serial;
-  long failures = 0;
-  std::vector<Stat> stats;
-  Stat& stat(const std::string& name) {
-    for (auto& s : stats)
-      if (s.name == name) return s;
-    stats.push_back(Stat{name});
-    return stats.back();
-  }
-  void fail(const std::string& what) {
-    if (failures < 20) std::printf("  FAIL [%s] %s\n", metalora::isa_name(isa), what.c_str());
-    ++failures;
-  }
-};
-
 const char* dname(DType d) {
   switch (d) {
     case DType::kF32: return "f32";
@@ -200,7 +154,7 @@ Array make_array(Rng& rng, DType dt, size_t n, bool misalign, bool specials) {
   a.bytes.assign((n + a.off + 1) * es, 0xAB);
   a.val.resize(n);
   for (size_t i = 0; i < n; ++i) {
-    float f = rng.value();
+    float f = rng.value_f32();
     if (specials && dt == DType::kF16) {
       // f16 edge values: zeros of both signs, subnormals (incl. the smallest and largest),
       // values that round to subnormals, and the largest finite value.
@@ -234,36 +188,6 @@ Array make_array(Rng& rng, DType dt, size_t n, bool misalign, bool specials) {
   return a;
 }
 
-// Output buffer with guard cells on both sides, filled with a signalling pattern.
-constexpr size_t kGuard = 24;
-constexpr std::uint32_t kGuardBits = 0x7fbadbadu;  // a float32 NaN
-struct OutF32 {
-  std::vector<float> buf;
-  explicit OutF32(size_t n) : buf(n + 2 * kGuard) {
-    for (auto& x : buf) std::memcpy(&x, &kGuardBits, 4);
-  }
-  float* data() { return buf.data() + kGuard; }
-  bool guards_ok(size_t n) const {
-    for (size_t i = 0; i < buf.size(); ++i) {
-      if (i >= kGuard && i < kGuard + n) continue;
-      std::uint32_t b;
-      std::memcpy(&b, &buf[i], 4);
-      if (b != kGuardBits) return false;
-    }
-    return true;
-  }
-};
-
-std::string fmt(const char* f, ...) __attribute__((format(printf, 1, 2)));
-std::string fmt(const char* f, ...) {
-  char b[512];
-  va_list ap;
-  va_start(ap, f);
-  std::vsnprintf(b, sizeof b, f, ap);
-  va_end(ap);
-  return b;
-}
-
 // Records one comparison; returns false (and reports) when |got - ref| > tol.
 bool check(Ctx& c, Stat& s, double got, double ref, double tol, double unit, const std::string& where,
            bool hash = true) {
@@ -288,9 +212,6 @@ void check_xlev(Ctx& c, Stat& s, double got, double ser, double tol, double unit
   if (unit > 0 && d / unit > s.worst_xlev) s.worst_xlev = d / unit;
 }
 
-bool same_bits(float a, float b) { return f32_bits(a) == f32_bits(b); }
-bool same_bits(double a, double b) { return std::memcmp(&a, &b, 8) == 0; }
-
 const size_t kSizes[] = {1, 2, 3, 4, 5, 7, 8, 9, 15, 16, 17, 31, 33, 63, 65, 127, 128, 129, 257, 1000, 2047, 2048, 2049, 4100};
 const DType kDTypes[] = {DType::kF32, DType::kF16, DType::kBF16};
 
@@ -305,24 +226,18 @@ void test_rowmix(Ctx& c, Rng& rng, size_t n, size_t nsrc, size_t m, int dmode) {
   std::vector<Src> src;
   for (auto& a : arrs) src.push_back(a.src());
   std::vector<float> coef(m * nsrc);
-  for (auto& x : coef) x = rng.value();
+  for (auto& x : coef) x = rng.value_f32();
   if (!coef.empty() && nsrc > 2) coef[1] = 0.0f;  // zero coefficients are allowed
   const size_t ldo = m == 1 ? n : n + 5;
   const size_t tot = m == 1 ? n : (m - 1) * ldo + n;
-  OutF32 got(tot), ser(tot);
+  Out<float> got(tot), ser(tot);
   c.k->rowmix(src.data(), nsrc, coef.data(), m, n, got.data(), ldo);
   c.serial->rowmix(src.data(), nsrc, coef.data(), m, n, ser.data(), ldo);
   const std::string name = fmt("rowmix m%s1 %s", m == 1 ? "=" : ">", dmode < 3 ? dname(kDTypes[dmode]) : "mixed");
   Stat& s = c.stat(name);
   if (!got.guards_ok(tot)) c.fail(fmt("%s: wrote outside [0, n) n=%zu nsrc=%zu m=%zu", name.c_str(), n, nsrc, m));
   // Cells between rows (ldo > n) must stay untouched as well.
-  for (size_t k = 0; k + 1 < m; ++k)
-    for (size_t i = n; i < ldo; ++i)
-      if (f32_bits(got.data()[k * ldo + i]) != kGuardBits) {
-        c.fail(fmt("%s: wrote the gap between rows, n=%zu m=%zu", name.c_str(), n, m));
-        k = m;
-        break;
-      }
+  if (!got.gaps_ok(m, n, ldo)) c.fail(fmt("%s: wrote the gap between rows, n=%zu m=%zu", name.c_str(), n, m));
   int reported = 0;
   for (size_t k = 0; k < m; ++k)
     for (size_t i = 0; i < n; ++i) {
@@ -344,8 +259,8 @@ void test_rowmix(Ctx& c, Rng& rng, size_t n, size_t nsrc, size_t m, int dmode) {
 // ----- scale_to_f32 / scale_to_f64 -------------------------------------------------------------
 void test_scale(Ctx& c, Rng& rng, size_t n, DType dt, bool misalign) {
   const Array a = make_array(rng, dt, n, misalign, true);
-  for (float scale : {1.0f, -0.7f, rng.value()}) {
-    OutF32 got(n), ser(n);
+  for (float scale : {1.0f, -0.7f, rng.value_f32()}) {
+    Out<float> got(n), ser(n);
     c.k->scale_to_f32(a.src(), scale, n, got.data());
     c.serial->scale_to_f32(a.src(), scale, n, ser.data());
     Stat& s = c.stat(fmt("scale_to_f32 %s", dname(dt)));
@@ -406,7 +321,7 @@ void test_scale_specials(Ctx& c) {
 // A float64 value with more than 24 significant bits. The draws are sequenced: every RNG call
 // is its own statement, so all platforms (x86-64, arm64) get the same inputs.
 double draw64(Rng& rng) {
-  const double a = rng.value();
+  const double a = rng.value_f32();
   return a * (1.0 + rng.uniform());
 }
 
@@ -419,7 +334,7 @@ void test_syrk(Ctx& c, Rng& rng, size_t n, size_t r) {
   for (size_t t = 0; t < n; ++t)
     for (size_t p = 0; p < r; ++p) X[t * R + p] = draw64(rng);
   std::vector<double> G0(R * R);
-  for (auto& g : G0) g = rng.value();
+  for (auto& g : G0) g = rng.value_f32();
   std::vector<double> G(G0), Gs(G0);
   c.k->syrk_f64(X.data(), n, R, G.data());
   c.serial->syrk_f64(X.data(), n, R, Gs.data());
@@ -453,20 +368,14 @@ void test_gemm(Ctx& c, Rng& rng, size_t n, size_t r, size_t m) {
   for (size_t t = 0; t < n; ++t)
     for (size_t p = 0; p < r; ++p) X[t * R + p] = draw64(rng);
   for (size_t p = 0; p < r; ++p)
-    for (size_t k = 0; k < m; ++k) P[p * mp + k] = static_cast<double>(rng.value()) / 3.0;
+    for (size_t k = 0; k < m; ++k) P[p * mp + k] = static_cast<double>(rng.value_f32()) / 3.0;
   const size_t tot = (n - 1) * ldy + m;
-  OutF32 Y(tot), Ys(tot);
+  Out<float> Y(tot), Ys(tot);
   c.k->gemm_f64(X.data(), n, R, P.data(), m, mp, Y.data(), ldy);
   c.serial->gemm_f64(X.data(), n, R, P.data(), m, mp, Ys.data(), ldy);
   Stat& s = c.stat("gemm_f64");
   if (!Y.guards_ok(tot)) c.fail(fmt("gemm_f64: wrote outside Y, n=%zu r=%zu m=%zu", n, r, m));
-  for (size_t t = 0; t + 1 < n; ++t)
-    for (size_t k = m; k < ldy; ++k)
-      if (f32_bits(Y.data()[t * ldy + k]) != kGuardBits) {
-        c.fail(fmt("gemm_f64: wrote columns k >= m, n=%zu r=%zu m=%zu", n, r, m));
-        t = n;
-        break;
-      }
+  if (!Y.gaps_ok(n, m, ldy)) c.fail(fmt("gemm_f64: wrote columns k >= m, n=%zu r=%zu m=%zu", n, r, m));
   for (size_t t = 0; t < n; ++t)
     for (size_t k = 0; k < m; ++k) {
       double ref = 0.0, S = 0.0;
@@ -514,11 +423,7 @@ int test_rounding() {
 }  // namespace
 
 int main() {
-  std::printf("metalora kernel test: compiled levels:");
-  for (Isa a : metalora::compiled_isas()) std::printf(" %s", metalora::isa_name(a));
-  std::printf("; available here:");
-  for (Isa a : metalora::available_isas()) std::printf(" %s", metalora::isa_name(a));
-  std::printf("\n");
+  metalora_test::print_levels("metalora kernel test");
 
   const int bad_rounding = test_rounding();
   std::printf("input generator: f32->f16/bf16 round-to-nearest-even self-test %s\n",
@@ -558,24 +463,10 @@ int main() {
       for (size_t r : {size_t(1), size_t(3), size_t(17), size_t(24)})
         for (size_t m : {size_t(1), size_t(3), size_t(8), size_t(17), size_t(33)}) test_gemm(c, rng, n, r, m);
 
-    long checks = 0;
-    std::uint64_t all = 0;
-    for (const auto& s : c.stats) {
-      checks += s.checks;
-      all = all * 0x100000001b3ull ^ s.digest;
-    }
-    std::printf("[%s] %s: %ld checks, %ld failures, output digest %016" PRIx64 "\n",
-                metalora::isa_name(isa), c.failures ? "FAIL" : "PASS", checks, c.failures, all);
-    for (const auto& s : c.stats)
-      std::printf("    %-18s worst err %6.3f u (%.3f of tol), vs serial %6.3f u, digest %016" PRIx64 "\n",
-                  s.name.c_str(), s.worst, s.worst_tol, s.worst_xlev, s.digest);
+    metalora_test::print_level_report(c, 18, 6);
     total_failures += c.failures;
   }
-  for (Isa a : metalora::compiled_isas()) {
-    bool avail = false;
-    for (Isa b : metalora::available_isas()) avail |= a == b;
-    if (!avail) std::printf("[%s] SKIPPED: compiled in but not supported by this CPU\n", metalora::isa_name(a));
-  }
+  metalora_test::print_skipped_levels();
   std::printf("%s\n", total_failures ? "KERNEL TEST FAILED" : "kernel test passed");
   return total_failures ? 1 : 0;
 }
