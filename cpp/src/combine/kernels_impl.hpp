@@ -60,7 +60,17 @@ inline void axpy(const void* const* x, const float* coef, size_t n, float* out) 
   for (int q = 0; q < Q; ++q) c[q] = V::set1(coef[q]);
   const F z = V::zero();
   size_t i = 0;
+  // Each source is streamed for one block and then left for the others, so the hardware
+  // prefetcher (which stops at 4 KB page boundaries) restarts cold on every visit. One software
+  // hint per cache line, 2 KB ahead in the same stream, keeps the next lines in flight: 48
+  // Mistral-shaped bf16 adapters, one thread, ~148 ms -> ~120 ms (1, 0.5 and 4 KB ahead did no
+  // better; prefetching the next run of sources instead was 25 % slower).
+  constexpr size_t esz = D == DType::kF32 ? 4 : 2;
+  constexpr size_t kAhead = 2048;
   for (; i + 2 * V::W <= n; i += 2 * V::W) {
+    if ((i * esz) % 64 == 0)
+      for (int q = 0; q < Q; ++q)
+        __builtin_prefetch(static_cast<const char*>(x[q]) + i * esz + kAhead, 0, 3);
     F o0 = First ? z : V::load(out + i);
     F o1 = First ? z : V::load(out + i + V::W);
     o0 = axpy_chain<V, D, First, Q>(x, c, i, o0);
