@@ -301,3 +301,18 @@ def test_inputs_are_not_modified():
         metalora.combine(A, B, w, mode=mode)
     for x, y in zip(A + B, before):
         np.testing.assert_array_equal(x, y)
+
+
+@pytest.mark.parametrize("mode", ["svd", "linear"])
+def test_many_modules_one_and_two_threads_are_bit_identical(mode):
+    """Enough modules that the small dense svd step is split across threads."""
+    rng = np.random.default_rng(15)
+    modules = {f"m{i}": ([rng.standard_normal((4, 40)).astype(np.float32) for _ in range(3)],
+                         [rng.standard_normal((24, 4)).astype(np.float32) for _ in range(3)])
+               for i in range(40)}
+    w = [0.5, -0.3, 0.8]
+    one = metalora.combine_modules(modules, w, mode=mode, threads=1)
+    two = metalora.combine_modules(modules, w, mode=mode, threads=2)
+    for name in modules:
+        np.testing.assert_array_equal(one[name][0], two[name][0])
+        np.testing.assert_array_equal(one[name][1], two[name][1])
