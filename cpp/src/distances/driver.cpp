@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <functional>
 #include <type_traits>
 #include <limits>
 #include <memory>
@@ -49,6 +50,39 @@ void parallel_for(std::size_t ntasks, int threads, F&& body) {
   for (long i = 0; i < n; ++i) body(static_cast<std::size_t>(i));
 }
 
+// Phases that run one after another inside a single parallel region (a fork costs more than a
+// short phase on busy cores): phase 0 (packing) is split statically, the others dynamically.
+// Every thread meets the same work-sharing loops in the same order. Serial when !parallel.
+struct Phase {
+  long n;
+  std::function<void(long)> fn;
+};
+
+void run_phases(bool parallel, int threads, const std::vector<Phase>& phases) {
+#if defined(_OPENMP)
+  if (parallel && threads > 1) {
+#pragma omp parallel num_threads(threads)
+    {
+      for (std::size_t k = 0; k < phases.size(); ++k) {
+        const Phase& ph = phases[k];
+        if (k == 0) {
+#pragma omp for schedule(static)
+          for (long t = 0; t < ph.n; ++t) ph.fn(t);
+        } else {
+#pragma omp for schedule(dynamic, 1)
+          for (long t = 0; t < ph.n; ++t) ph.fn(t);
+        }
+      }
+    }
+    return;
+  }
+#endif
+  (void)parallel;
+  (void)threads;
+  for (const Phase& ph : phases)
+    for (long t = 0; t < ph.n; ++t) ph.fn(t);
+}
+
 template <class T>
 const KernelsT<T>& table();
 template <>
@@ -80,21 +114,7 @@ void gram_parallel(const T* X, std::size_t n, const T* Y, std::size_t m, std::si
     k.gram(X + i0 * d, d, i1 - i0, Yp.data() + j0 * d, m - j0, d, alpha,
            xn ? xn + i0 : nullptr, yn ? yn + j0 : nullptr, lo, G + i0 * ldg + j0, ldg);
   };
-  // One parallel region for both phases (a fork costs more than the packing on busy cores).
-#if defined(_OPENMP)
-  if (threads > 1 && nrows > 1) {
-#pragma omp parallel num_threads(threads)
-    {
-#pragma omp for schedule(static)
-      for (long t = 0; t < npack; ++t) pack(t);
-#pragma omp for schedule(dynamic, 1)
-      for (long t = 0; t < nrows; ++t) rows(t);
-    }
-    return;
-  }
-#endif
-  for (long t = 0; t < npack; ++t) pack(t);
-  for (long t = 0; t < nrows; ++t) rows(t);
+  run_phases(nrows > 1, threads, {{npack, pack}, {nrows, rows}});
 }
 
 // D[i, j] = D[j, i] for j < i (n x n, row stride ld), blocked.
@@ -260,23 +280,10 @@ void sinkhorn_costs(const T* Xs, std::size_t n, const T* Ys, std::size_t m, std:
     }
   };
   const long ng = static_cast<long>(gram_tasks.size()), nf = static_cast<long>(fix_tasks.size());
-#if defined(_OPENMP)
-  if (threads > 1) {
-#pragma omp parallel num_threads(threads)
-    {
-#pragma omp for schedule(static)
-      for (long t = 0; t < npack; ++t) pack(t);
-#pragma omp for schedule(dynamic, 1)
-      for (long t = 0; t < ng; ++t) gram(gram_tasks[static_cast<std::size_t>(t)]);
-#pragma omp for schedule(dynamic, 1)
-      for (long t = 0; t < nf; ++t) fix(fix_tasks[static_cast<std::size_t>(t)]);
-    }
-    return;
-  }
-#endif
-  for (long t = 0; t < npack; ++t) pack(t);
-  for (long t = 0; t < ng; ++t) gram(gram_tasks[static_cast<std::size_t>(t)]);
-  for (long t = 0; t < nf; ++t) fix(fix_tasks[static_cast<std::size_t>(t)]);
+  run_phases(true, threads,
+             {{npack, pack},
+              {ng, [&](long t) { gram(gram_tasks[static_cast<std::size_t>(t)]); }},
+              {nf, [&](long t) { fix(fix_tasks[static_cast<std::size_t>(t)]); }}});
 }
 
 // Chooses between `threads` and one thread for the soft-min passes by timing the first passes
@@ -728,20 +735,7 @@ void sliced(const T* X, std::size_t n, const T* Y, std::size_t m, std::size_t d,
       out[l] = w1d_sorted(us, uws, vs, vws, p);
     }
   };
-#if defined(_OPENMP)
-  if (threads > 1 && ntasks > 1) {
-#pragma omp parallel num_threads(threads)
-    {
-#pragma omp for schedule(static)
-      for (long t = 0; t < npack; ++t) pack(t);
-#pragma omp for schedule(dynamic, 1)
-      for (long t = 0; t < ntasks; ++t) body(t);
-    }
-    return;
-  }
-#endif
-  for (long t = 0; t < npack; ++t) pack(t);
-  for (long t = 0; t < ntasks; ++t) body(t);
+  run_phases(ntasks > 1, threads, {{npack, pack}, {ntasks, body}});
 }
 
 template <class T>
