@@ -49,12 +49,19 @@ std::vector<std::size_t> offsets(const Job& j) {
 }
 
 // X[t, :] = [cb_1 B_1[o, :], ..., cb_K B_K[o, :], 0 ...] for rows o in [o0, o1); X is n x Rp.
+// Rows [o0, o1) of B_j are one contiguous run: widen it in one kernel call (ranks are small, a
+// call per row would cost more than the conversion), then place it in X.
 void gather_b_rows(const Kernels& k, const Job& j, const std::vector<std::size_t>& off,
                    std::size_t Rp, std::size_t o0, std::size_t o1, double* X) {
   std::fill(X, X + (o1 - o0) * Rp, 0.0);
-  for (std::size_t o = o0; o < o1; ++o)
-    for (std::size_t a = 0; a < j.B.size(); ++a)
-      k.scale_to_f64(j.B[a].offset(o * j.r[a]), j.cb[a], j.r[a], X + (o - o0) * Rp + off[a]);
+  std::vector<double> tmp;
+  for (std::size_t a = 0; a < j.B.size(); ++a) {
+    const std::size_t r = j.r[a];
+    tmp.resize((o1 - o0) * r);
+    k.scale_to_f64(j.B[a].offset(o0 * r), j.cb[a], tmp.size(), tmp.data());
+    for (std::size_t t = 0; t < o1 - o0; ++t)
+      std::copy(tmp.data() + t * r, tmp.data() + (t + 1) * r, X + t * Rp + off[a]);
+  }
 }
 
 // X[t, :] = column c0 + t of A_cat, for columns [c0, c1); X is n x Rp.
