@@ -12,6 +12,9 @@
 #endif
 
 namespace metalora::combine {
+
+#include "../common/threads_impl.hpp"
+
 namespace {
 
 // Task sizes. Boundaries are multiples of the kernels' own blocks so that a range never
@@ -29,12 +32,7 @@ struct Task {
 
 template <class F>
 void parallel_tasks(const std::vector<Task>& tasks, int threads, F&& body) {
-  const long n = static_cast<long>(tasks.size());
-#if defined(_OPENMP)
-#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
-#endif
-  for (long i = 0; i < n; ++i) body(tasks[static_cast<std::size_t>(i)]);
-  (void)threads;
+  parallel_for(tasks.size(), threads, [&](std::size_t i) { body(tasks[i]); });
 }
 
 void split(std::vector<Task>& tasks, std::size_t job, std::size_t side, std::size_t n,
@@ -104,7 +102,6 @@ void finish_gram(const double* G, std::size_t Rp, std::size_t R, double* out) {
 
 }  // namespace
 
-#include "../common/threads_impl.hpp"
 
 void run_linear(std::vector<Job>& jobs, int threads) {
   const Kernels& k = kernels();

@@ -20,6 +20,9 @@
 #endif
 
 namespace metalora::distances {
+
+#include "../common/threads_impl.hpp"
+
 namespace {
 
 // Row stride of the cost matrices the soft-min reads: whole vectors of every level, zero padded.
@@ -35,20 +38,6 @@ constexpr std::size_t kDirectDim = 8;
 
 std::size_t padded(std::size_t m) { return (m + kPad - 1) / kPad * kPad; }
 std::size_t ceil_div(std::size_t a, std::size_t b) { return (a + b - 1) / b; }
-
-template <class F>
-void parallel_for(std::size_t ntasks, int threads, F&& body) {
-  const long n = static_cast<long>(ntasks);
-#if defined(_OPENMP)
-  if (threads > 1 && n > 1) {
-#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
-    for (long i = 0; i < n; ++i) body(static_cast<std::size_t>(i));
-    return;
-  }
-#endif
-  (void)threads;
-  for (long i = 0; i < n; ++i) body(static_cast<std::size_t>(i));
-}
 
 // Phases that run one after another inside a single parallel region (a fork costs more than a
 // short phase on busy cores): phase 0 (packing) is split statically, the others dynamically.
@@ -390,7 +379,6 @@ struct Matrix {
 
 }  // namespace
 
-#include "../common/threads_impl.hpp"
 
 template <class T>
 void cost_matrix(const T* X, std::size_t n, const T* Y, std::size_t m, std::size_t d, int kind,
