@@ -163,12 +163,11 @@ def _cmd_bank_add(args: argparse.Namespace) -> int:
 def _cmd_bank_index(args: argparse.Namespace) -> int:
     from .bank import Bank
     from .coefficients import NeuralOperator
-    from .distances import pairwise_distances
-    from .generate import (DEFAULT_PARAMS, NEURAL_OPERATOR_FILE, _as_query, _signature_kind,
-                           bank_signatures, parameter_gram)
+    from .generate import (bank_distance_matrix, bank_signatures, neural_operator_path,
+                           parameter_gram, signature_kind)
 
     bank = Bank(args.bank)
-    kind = _signature_kind(args.distance)
+    kind = signature_kind(args.distance)
     if kind == "tokens" and not args.tokenizer:
         raise UserError(f"--distance {args.distance} needs --tokenizer tokenizer.json")
     t = time.perf_counter()
@@ -176,15 +175,13 @@ def _cmd_bank_index(args: argparse.Namespace) -> int:
     print(f"signatures of {len(bank)} bank datasets cached ({time.perf_counter() - t:.1f}s)")
     if args.neural:
         t = time.perf_counter()
-        D = pairwise_distances([_as_query(s, args.distance) for s in sigs], metric=args.distance,
-                               **DEFAULT_PARAMS.get(args.distance, {}))
-        G = parameter_gram(bank)
-        op = NeuralOperator.fit(D, G, epochs=args.epochs)
-        root = bank.path if Path(bank.path).is_dir() else Path(bank.path).parent
+        op = NeuralOperator.fit(bank_distance_matrix(sigs, args.distance), parameter_gram(bank),
+                                epochs=args.epochs)
         op.meta["distance"] = args.distance
-        op.save(Path(root) / NEURAL_OPERATOR_FILE)
+        target = neural_operator_path(bank)
+        op.save(target)
         print(f"neural operator trained (leave-one-out error {op.meta['loo_error']:.4f}, "
-              f"{time.perf_counter() - t:.1f}s) and saved to {Path(root) / NEURAL_OPERATOR_FILE}")
+              f"{time.perf_counter() - t:.1f}s) and saved to {target}")
     return 0
 
 
@@ -258,15 +255,12 @@ def _cmd_plot(args: argparse.Namespace) -> int:
         ax.set_title(f"{path.name}: {prov.get('distance')} / {prov.get('operator')} / {prov.get('mode')}")
     else:
         from .bank import Bank
-        from .distances import pairwise_distances
-        from .generate import DEFAULT_PARAMS, _as_query, _signature_kind, bank_signatures
+        from .generate import bank_distance_matrix, bank_signatures, signature_kind
 
         bank = Bank(path)
-        if _signature_kind(args.distance) != "embedding":
+        if signature_kind(args.distance) != "embedding":
             raise UserError("bank heatmaps use an embedding distance (e.g. --distance sinkhorn)")
-        sigs = bank_signatures(bank, progress=True)
-        D = pairwise_distances([_as_query(s, args.distance) for s in sigs], metric=args.distance,
-                               **DEFAULT_PARAMS.get(args.distance, {}))
+        D = bank_distance_matrix(bank_signatures(bank, progress=True), args.distance)
         fig, ax = plt.subplots(figsize=(1 + 0.35 * len(bank), 0.8 + 0.35 * len(bank)))
         im = ax.imshow(D, cmap="viridis")
         ax.set_xticks(range(len(bank)), bank.ids, rotation=90, fontsize=7)

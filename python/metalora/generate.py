@@ -28,7 +28,8 @@ from .coefficients import OPERATORS, NeuralOperator, coefficients, select_temper
 from .datasets import Dataset, load_dataset
 from .distances import METRICS, distances, pairwise_distances
 
-__all__ = ["generate", "Generation", "bank_signatures", "parameter_gram", "NEURAL_OPERATOR_FILE",
+__all__ = ["generate", "Generation", "bank_signatures", "bank_distance_matrix", "parameter_gram",
+           "metric_params", "neural_operator_path", "signature_kind", "NEURAL_OPERATOR_FILE",
            "EMBEDDING_METRICS", "TOKEN_METRICS"]
 
 EMBEDDING_METRICS = tuple(m for m, (kind, _) in METRICS.items() if kind == "cloud")
@@ -60,13 +61,35 @@ class Generation:
                 for i in order if self.coefficients[i] > 0]
 
 
-def _signature_kind(metric: str) -> str:
+def signature_kind(metric: str) -> str:
+    """``"embedding"`` for the point-cloud metrics, ``"tokens"`` for the paper's token metrics."""
     return "embedding" if METRICS[metric][0] == "cloud" else "tokens"
+
+
+def metric_params(metric: str, extra: Optional[dict] = None) -> dict:
+    """The metric's options: :data:`DEFAULT_PARAMS` updated by ``extra``."""
+    return dict(DEFAULT_PARAMS.get(metric, {}), **(extra or {}))
+
+
+def bank_distance_matrix(sigs: list, metric: str, params: Optional[dict] = None,
+                         threads: int = 0) -> np.ndarray:
+    """Bank-vs-bank distances ``D[i, j]`` between the signatures of :func:`bank_signatures`
+    (used to pick ``tau``, train the neural operator and draw the bank heatmap)."""
+    return pairwise_distances([_as_query(s, metric) for s in sigs], metric=metric,
+                              threads=threads, **(metric_params(metric) if params is None else params))
+
+
+def neural_operator_path(bank: Bank) -> Optional[Path]:
+    """Where the bank's trained neural operator lives (its directory), None for in-memory banks."""
+    if bank.path is None:
+        return None
+    root = Path(bank.path)
+    return (root if root.is_dir() else root.parent) / NEURAL_OPERATOR_FILE
 
 
 def _as_query(sig: Any, metric: str) -> Any:
     """The form a metric reads: clouds as they are; token signatures as ids or histograms."""
-    if _signature_kind(metric) == "embedding":
+    if signature_kind(metric) == "embedding":
         return sig
     if metric in ("kl", "js"):
         return sig.histogram(density=True)
@@ -129,8 +152,7 @@ def _resolve_tau(tau: Union[float, str], bank: Bank, metric: str, sigs: list, op
         return float(tau)
     if len(bank) < 3:
         raise ValueError("tau='auto' needs a bank of at least 3 adapters (leave-one-out)")
-    D = pairwise_distances([_as_query(s, metric) for s in sigs], metric=metric, threads=threads,
-                           **params)
+    D = bank_distance_matrix(sigs, metric, params, threads)
     return float(select_temperature(D, parameter_gram(bank), operator=operator, top_k=top_k,
                                     model=model))
 
@@ -186,7 +208,7 @@ def generate(dataset: Union[str, Path, Dataset], bank: Union[str, Path, Bank], *
         raise ValueError(f"operator={operator!r} is not one of {OPERATORS}")
     if not (tau == "auto" or (isinstance(tau, (int, float)) and tau > 0)):
         raise ValueError(f"tau must be a positive number or 'auto', got {tau!r}")
-    kind = _signature_kind(distance)
+    kind = signature_kind(distance)
     if kind == "tokens" and tokenizer is None:
         raise ValueError(f"distance={distance!r} compares token ids: pass tokenizer= the base "
                          f"model's tokenizer.json (or use an embedding metric such as 'sinkhorn')")
@@ -196,12 +218,11 @@ def generate(dataset: Union[str, Path, Dataset], bank: Union[str, Path, Bank], *
         dataset = load_dataset(dataset)
     model = None
     if operator == "neural":
-        path = None if bank.path is None else Path(bank.path)
-        path = path if path is None or path.is_dir() else path.parent
-        if path is None or not (path / NEURAL_OPERATOR_FILE).is_file():
+        path = neural_operator_path(bank)
+        if path is None or not path.is_file():
             raise ValueError("operator='neural' needs a trained operator saved with the bank: run "
                              "`metalora bank index BANK --neural` first")
-        model = NeuralOperator.load(path / NEURAL_OPERATOR_FILE)
+        model = NeuralOperator.load(path)
     timings["load"] = time.perf_counter() - t
 
     from .signatures import signature
@@ -214,7 +235,7 @@ def generate(dataset: Union[str, Path, Dataset], bank: Union[str, Path, Bank], *
     timings["signatures"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    params = dict(DEFAULT_PARAMS.get(distance, {}), **(distance_params or {}))
+    params = metric_params(distance, distance_params)
     d = distances(_as_query(query, distance), [_as_query(s, distance) for s in sigs],
                   metric=distance, threads=threads, **params)
     timings["distances"] = time.perf_counter() - t
