@@ -9,7 +9,7 @@ from typing import Iterator
 
 from . import _core
 
-__all__ = ["capabilities", "set_isa", "use_isa", "LEVELS"]
+__all__ = ["capabilities", "set_isa", "use_isa", "LEVELS", "one_blas_thread"]
 
 #: Every level the project knows, lowest first on each architecture.
 LEVELS = ("serial", "avx2", "avx512", "neon")
@@ -62,6 +62,20 @@ def use_isa(level: str) -> Iterator[None]:
         yield
     finally:
         _core.set_isa(previous)
+
+
+def one_blas_thread():
+    """Context in which numpy's BLAS/LAPACK runs on one thread (threadpoolctl).
+
+    For the many small dense problems metalora hands to numpy (R x R Gram roots and
+    eigen-decompositions, per-pair Gaussian statistics), run from several threads of its own:
+    OpenBLAS's threads gain nothing there and, on busy cores or right after the OpenMP kernels,
+    cost 3-25x (measured on 2 cores: a stack of 32 eigh(128 x 128) took 0.16-0.18 s on one
+    thread and 0.5-4.3 s threaded).
+    """
+    from threadpoolctl import threadpool_limits
+
+    return threadpool_limits(1, user_api="blas")
 
 
 def _check_environment() -> None:

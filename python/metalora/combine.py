@@ -35,11 +35,7 @@ import numpy as np
 
 from . import _core
 from ._arrays import OUT_DTYPES, all_finite, kernel_view, to_out_dtype
-
-try:  # keep the small LAPACK step single-threaded (see _small_blas)
-    from threadpoolctl import threadpool_limits as _threadpool_limits
-except ImportError:  # pragma: no cover - optional: only slower without it
-    _threadpool_limits = None
+from ._dispatch import one_blas_thread
 
 __all__ = ["combine", "combine_modules", "MODES"]
 
@@ -232,27 +228,13 @@ def _core_svd(GA: np.ndarray, GB: np.ndarray, rank: int):
     return PB, QA, S
 
 
-def _small_blas():
-    """Context: one BLAS/LAPACK thread for the R x R eigen/SVD step.
-
-    OpenBLAS's threads gain nothing on 128 x 128 problems and, while the machine is busy (or
-    right after the OpenMP kernels, whose threads still spin), cost 3-25x: measured on 2 cores,
-    a stack of 32 eigh(128 x 128) took 0.16-0.18 s single-threaded and 0.5-4.3 s threaded.
-    """
-    if _threadpool_limits is None:  # pragma: no cover
-        import contextlib
-
-        return contextlib.nullcontext()
-    return _threadpool_limits(1, user_api="blas")
-
-
 def _small_step(group: list, rank: int, threads: int) -> tuple:
     """_core_svd over a stack of modules, the stack split across threads: numpy releases the
-    GIL in LAPACK, and each part runs single-threaded BLAS (see _small_blas)."""
+    GIL in LAPACK, and each part runs single-threaded BLAS (see one_blas_thread)."""
     GA = np.stack([m.out["GA"] for m in group])
     GB = np.stack([m.out["GB"] for m in group])
     parts = min(int(_core.resolve_threads(threads)), max(1, len(group) // 8))
-    with _small_blas():
+    with one_blas_thread():
         if parts <= 1:
             return _core_svd(GA, GB, rank)
         from concurrent.futures import ThreadPoolExecutor

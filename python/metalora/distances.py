@@ -30,6 +30,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from . import _core
+from ._dispatch import one_blas_thread
 from ._progress import Progress
 
 __all__ = [
@@ -753,16 +754,14 @@ def _evaluate(pairs: list, sigs: list, fn: Callable, threads: int, progress: Any
     return out
 
 
-def _pair_setup(metric: str, sigs: list, params: dict, threads: int) -> tuple:
-    """(signatures, pair function, BLAS-limit context factory or None, threads) for the bank
-    paths. gaussian_w2 works on per-signature statistics, computed once here."""
+def _pair_setup(metric: str, sigs: list, params: dict) -> tuple:
+    """(signatures, pair function, context to evaluate the pairs in) for the bank paths.
+    gaussian_w2 works on per-signature statistics, computed once here, and its pairs call
+    LAPACK from several threads: one BLAS thread each."""
     if metric != "gaussian_w2":
-        return sigs, _pair_function(metric, dict(params)), None, threads
+        return sigs, _pair_function(metric, dict(params)), contextlib.nullcontext()
     sigs = [_gaussian_stats(s, params.get("ddof", 1)) for s in sigs]
-    blas = _single_threaded_blas()
-    if blas is None:
-        threads = 1  # LAPACK threads itself: pairs in order
-    return sigs, _gaussian_w2_stats, blas, threads
+    return sigs, _gaussian_w2_stats, one_blas_thread()
 
 
 def _values(metric: str, params: dict, pairs: list, sigs: list, fn: Callable, threads: int,
@@ -789,17 +788,6 @@ def _warn_unconverged(fn: Callable, npairs: int) -> None:
                       f"for {npairs} pairs (cross and self terms; largest final L1 marginal error "
                       f"{max(bad):.3g}); raise max_iter or eps, or lower scaling",
                       ConvergenceWarning, stacklevel=3)
-
-
-def _single_threaded_blas() -> Any:
-    """A factory of contexts limiting numpy's BLAS/LAPACK to one thread (threadpoolctl,
-    optional), so that pairs can run in parallel without oversubscribing the cores; None
-    without threadpoolctl."""
-    try:
-        from threadpoolctl import threadpool_limits  # optional
-    except ImportError:
-        return None
-    return lambda: threadpool_limits(1, user_api="blas")
 
 
 def _prepare(metric: str, sigs: list) -> list:
@@ -865,9 +853,9 @@ def distances(query: Any, bank_signatures: Sequence[Any], *, metric: str, thread
     fast = _fast_matrix(metric, sigs[:1], sigs[1:], params)
     if fast is not None:
         return fast[0]
-    sigs, fn, blas, threads = _pair_setup(metric, sigs, params, threads)
+    sigs, fn, context = _pair_setup(metric, sigs, params)
     pairs = [(0, j + 1) for j in range(len(bank))]
-    with (blas() if blas else contextlib.nullcontext()):
+    with context:
         vals = _values(metric, params, pairs, sigs, fn, _threads(threads), progress)
     _warn_unconverged(fn, len(pairs))
     return np.asarray(vals, dtype=np.float64)
@@ -891,13 +879,13 @@ def pairwise_distances(bank_signatures: Sequence[Any], *, metric: str, threads: 
     fast = _fast_matrix(metric, sigs, sigs, params)
     if fast is not None:
         return fast
-    sigs, fn, blas, threads = _pair_setup(metric, sigs, params, threads)
+    sigs, fn, context = _pair_setup(metric, sigs, params)
     symmetric = METRICS[metric][1]
     if symmetric:
         pairs = [(i, j) for i in range(K) for j in range(i, K)]
     else:
         pairs = [(i, j) for i in range(K) for j in range(K)]
-    with (blas() if blas else contextlib.nullcontext()):
+    with context:
         vals = _values(metric, params, pairs, sigs, fn, _threads(threads), progress)
     _warn_unconverged(fn, len(pairs))
     D = np.empty((K, K))
