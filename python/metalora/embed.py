@@ -405,11 +405,12 @@ class Embedder:
         return e.astype(np.float32, copy=False)
 
 
-def _as_texts(texts) -> List[str]:
+def _as_texts(texts, caller: str = "embed()") -> List[str]:
+    """A Dataset's texts or a sequence of strings, checked (strings, valid Unicode)."""
     if hasattr(texts, "texts") and callable(texts.texts):
         texts = texts.texts()
     if isinstance(texts, str):
-        raise TypeError("embed() takes a sequence of strings, not one string; wrap it in a list")
+        raise TypeError(f"{caller} takes a sequence of strings, not one string; wrap it in a list")
     out = list(texts)
     for i, t in enumerate(out):
         if not isinstance(t, str):

@@ -115,13 +115,9 @@ def token_signature(texts, tokenizer, *, add_special_tokens: bool = False,
     -------
     TokenSignature
     """
-    if hasattr(texts, "texts") and callable(texts.texts):
-        texts = texts.texts()
-    if isinstance(texts, str):
-        raise TypeError("token_signature() takes a sequence of strings, not one string")
     from .embed import _as_texts  # same checks: strings, valid Unicode
 
-    texts = _as_texts(texts)
+    texts = _as_texts(texts, "token_signature()")
     if not texts:
         raise ValueError("token_signature() of an empty dataset")
     tok, tid = load_tokenizer(tokenizer)
