@@ -1,0 +1,148 @@
+"""Shared paths and helpers of the quality benchmark (``bench/quality``, never run in CI).
+
+Data flow of the benchmark: ``prepare_model.py`` (SmolLM2-135M-Instruct, GGUF -> safetensors) and
+``prepare_tasks.py`` (BIG-bench tasks -> ``tasks/<id>/{train,validation,test}.jsonl``) ->
+``train_bank.py`` (one PEFT LoRA per task -> ``bank/``) -> ``evaluate.py`` (leave-one-out
+generation + scoring -> ``results/results.csv``) -> ``report.py`` (``summary.md`` and plots).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Dict, List
+
+HERE = Path(__file__).resolve().parent
+TASKS_DIR = HERE / "tasks"
+BANK_DIR = HERE / "bank"            # the committed bank (bank.jsonl + one PEFT dir per task)
+EXTRA_DIR = HERE / "extra"          # trained LoRAs of the held-out extra tasks (not in the bank)
+RESULTS_DIR = HERE / "results"
+CACHE_DIR = Path(os.environ.get("METALORA_QUALITY_CACHE", HERE.parent / ".cache" / "quality"))
+MODEL_DIR = CACHE_DIR / "smollm2-135m-instruct"
+SPLITS = ("train", "validation", "test")
+
+# Training / evaluation format: plain "input\n" -> "output<eos>", no chat template and no task
+# instruction: what the task is must come from the adapter (as in the paper's setup).
+SEPARATOR = "\n"
+MAX_TOKENS = 80          # prompt + target, prompt truncated from the left
+MAX_TARGET_TOKENS = 32   # longer targets are cut (rare after the task selection)
+
+
+def load_split(task: str, split: str, tasks_dir: Path = TASKS_DIR) -> List[Dict]:
+    """Rows ``{"input", "output", "references"?}`` of one split of a stored task."""
+    path = tasks_dir / task / f"{split}.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: run `python bench/quality/prepare_tasks.py`")
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def task_ids(tasks_dir: Path = TASKS_DIR, role: str = "bank") -> List[str]:
+    """Task ids of ``role`` ("bank" or "extra") from ``tasks/index.json``."""
+    index = json.loads((tasks_dir / "index.json").read_text())
+    return [t["id"] for t in index["tasks"] if t["role"] == role]
+
+
+def references(row: Dict) -> List[str]:
+    return row.get("references") or [row["output"]]
+
+
+def load_model(dtype: str = "float32"):
+    """The base model and tokenizer from the converted cache folder (``prepare_model.py``)."""
+    if not (MODEL_DIR / "config.json").is_file():
+        raise FileNotFoundError(f"{MODEL_DIR} has no model: run `python bench/quality/prepare_model.py`")
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(MODEL_DIR)
+    model = AutoModelForCausalLM.from_pretrained(MODEL_DIR, torch_dtype=getattr(torch, dtype))
+    model.eval()
+    return model, tok
+
+
+_WORD = re.compile(r"[a-z0-9]+")
+
+
+def rouge_l(prediction: str, reference: str) -> float:
+    """Rouge-L F1 on lower-cased alphanumeric tokens (the tokenisation of ``rouge_score``)."""
+    p, r = _WORD.findall(prediction.lower()), _WORD.findall(reference.lower())
+    if not p or not r:
+        return float(p == r)
+    prev = [0] * (len(r) + 1)
+    for a in p:
+        cur = [0]
+        for j, b in enumerate(r):
+            cur.append(prev[j] + 1 if a == b else max(prev[j + 1], cur[j]))
+        prev = cur
+    lcs = prev[-1]
+    if lcs == 0:
+        return 0.0
+    prec, rec = lcs / len(p), lcs / len(r)
+    return 2 * prec * rec / (prec + rec)
+
+
+def normalise(text: str) -> str:
+    """Exact-match normal form: lower case, alphanumeric tokens joined by single spaces."""
+    return " ".join(_WORD.findall(text.lower()))
+
+
+def encode(tok, text_in: str, text_out: str):
+    """Token ids of the prompt and of the target (+ eos), cut to the benchmark's limits.
+
+    The prompt is tokenized on its own so that generation starts exactly where training's
+    targets start; it is cut from the left when prompt + target exceed :data:`MAX_TOKENS`.
+    """
+    target = tok(text_out, add_special_tokens=False).input_ids[:MAX_TARGET_TOKENS - 1]
+    target = target + [tok.eos_token_id]
+    prompt = tok(text_in + SEPARATOR, add_special_tokens=False).input_ids
+    prompt = prompt[-(MAX_TOKENS - len(target)):]
+    return prompt, target
+
+
+def collate(pairs, pad_id: int):
+    """Right-padded batch: ``input_ids``, ``attention_mask`` and ``labels`` (-100 off target)."""
+    import torch
+
+    n = max(len(p) + len(t) for p, t in pairs)
+    ids = torch.full((len(pairs), n), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(pairs), n), dtype=torch.long)
+    labels = torch.full((len(pairs), n), -100, dtype=torch.long)
+    for i, (p, t) in enumerate(pairs):
+        seq = p + t
+        ids[i, :len(seq)] = torch.tensor(seq)
+        mask[i, :len(seq)] = 1
+        labels[i, len(p):len(seq)] = torch.tensor(t)
+    return ids, mask, labels
+
+
+def target_loss(model, ids, mask, labels, reduction: str = "mean"):
+    """Cross-entropy of the target tokens; the vocabulary projection runs on target positions only.
+
+    Targets are a few tokens of each sequence, and the tied 49 k-word head is a fifth of the
+    model's FLOPs per position, so this saves that much of every step.
+    """
+    import torch
+
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    hidden = inner.model(input_ids=ids, attention_mask=mask).last_hidden_state
+    lab = labels[:, 1:]
+    keep = lab != -100
+    # float32 head: bf16 logits of size ~20 would be off by up to 0.06 per token
+    logits = torch.nn.functional.linear(hidden[:, :-1][keep].float(), inner.lm_head.weight.float())
+    return torch.nn.functional.cross_entropy(logits, lab[keep], reduction=reduction), int(keep.sum())
+
+
+def target_nll(model, pairs, batch_size: int = 32) -> float:
+    """Mean per-token negative log-likelihood of the targets, teacher-forced (float32)."""
+    import torch
+
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for s in range(0, len(pairs), batch_size):
+            ids, mask, labels = collate(pairs[s:s + batch_size], pad_id=0)
+            loss, n = target_loss(model, ids, mask, labels, reduction="sum")
+            total += float(loss)
+            count += n
+    return total / max(count, 1)
