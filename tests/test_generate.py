@@ -13,6 +13,7 @@ import pytest
 
 import metalora
 from metalora.cli import main
+from metalora.default_bank import default_bank
 from metalora.demo import DEMO_NOTICE, demo_bank, example_dataset
 
 pytest.importorskip("metalora.embed")
@@ -104,20 +105,46 @@ def test_generate_bad_input(tmp_path):
 @needs_model
 def test_cli_generate_inspect_plot(tmp_path, capsys):
     out = tmp_path / "adapter"
-    assert main(["generate", "--example", "--out", str(out)]) == 0
+    bank = str(demo_bank())
+    assert main(["generate", "--data", str(example_dataset()), "--bank", bank, "--out", str(out)]) == 0
     text = capsys.readouterr().out
     assert DEMO_NOTICE in text and f"adapter written to {out}" in text
     assert "uppercase" in text
     # existing output is not overwritten without --overwrite
-    assert main(["generate", "--example", "--out", str(out)]) == 2
+    assert main(["generate", "--data", str(example_dataset()), "--bank", bank, "--out", str(out)]) == 2
     assert "already exists" in capsys.readouterr().err
     assert main(["inspect", str(out)]) == 0
     assert "DEMONSTRATION" in capsys.readouterr().out
-    assert main(["inspect", str(demo_bank())]) == 0
+    assert main(["inspect", bank]) == 0
     assert "adapters     12" in capsys.readouterr().out
     pytest.importorskip("matplotlib")
     assert main(["plot", str(out), "--out", str(tmp_path / "w.png")]) == 0
     assert (tmp_path / "w.png").stat().st_size > 1000
+
+
+@needs_model
+@pytest.mark.skipif(default_bank() is None, reason="the built-in SmolLM2-135M bank is not installed")
+def test_cli_example_uses_the_builtin_smollm2_bank(tmp_path, capsys):
+    """The README's main job: the example task (MC-TACO answers about absolute time points, no
+    adapter of its own in the bank) draws first on the bank's other MC-TACO adapters (same
+    passages and question style), and the output is a rank-8 PEFT adapter over SmolLM2-135M's 60
+    q/v projections."""
+    from metalora.default_bank import EXAMPLE_TASK
+
+    out = tmp_path / "adapter"
+    assert main(["generate", "--example", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "built-in: 48 task LoRAs" in text and DEMO_NOTICE not in text
+    drew = text.split("drew on:")[1].strip().splitlines()
+    assert all("_mctaco_" in line for line in drew[:4]), drew[:4]
+    assert EXAMPLE_TASK not in text.split("drew on:")[1]
+    ad = metalora.load_adapter(out)
+    assert len(ad.names) == 60 and set(ad.ranks.values()) == {8}
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    targets = cfg["target_modules"]
+    assert len(targets) == 60 and all(t.endswith(("self_attn.q_proj", "self_attn.v_proj"))
+                                       for t in targets)
+    assert "SmolLM2-135M" in cfg["base_model_name_or_path"]
 
 
 def test_cli_errors_are_one_line(tmp_path, capsys):

@@ -93,26 +93,37 @@ def _print_generation(adapter, out: Path | None, quiet: bool) -> None:
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    from .demo import demo_bank, example_dataset
+    from . import default_bank as real
+    from .demo import demo_bank, example_dataset as demo_example
     from .generate import generate
 
     if args.example and args.data:
         raise UserError("give either --data FILE or --example, not both")
     if not args.example and not args.data:
         raise UserError("no dataset: pass --data FILE (JSONL rows with input/output) or --example")
-    data = example_dataset() if args.example else Path(args.data)
+    default = real.default_bank()
+    n = args.n
+    if not args.example:
+        data = Path(args.data)
+    elif default is not None:
+        data, n = real.example_dataset(), args.n or real.EXAMPLE_N
+        print(f"example dataset: {data}\n  (MC-TACO answers about absolute time points: no adapter "
+              f"in the bank was trained on it; signatures from {n} examples per dataset)")
+    else:
+        data = demo_example()
+        print(f"example dataset: {data} (a held-out toy task of the demonstration bank)")
     if not data.exists():
         raise UserError(f"{data}: no such dataset file")
-    bank = Path(args.bank) if args.bank else demo_bank()
-    if args.example:
-        print(f"example dataset: {data} (a held-out toy task)")
+    bank = Path(args.bank) if args.bank else default or demo_bank()
     if not args.bank:
-        print(f"bank: {bank} (the built-in demonstration bank; pass --bank DIR for a real one)")
+        print(f"bank: {bank} (" + ("built-in: 48 task LoRAs for SmolLM2-135M-Instruct)" if default
+                                   else "the demonstration bank, as the built-in SmolLM2-135M "
+                                   "bank is not installed; pass --bank DIR for a real one)"))
     tau = args.tau if args.tau == "auto" else float(args.tau)
     adapter = generate(data, bank, distance=args.distance, operator=args.operator, tau=tau,
                        mode=args.mode, rank=args.rank,
                        top_k=None if args.top_k == "all" else int(args.top_k), out=Path(args.out),
-                       overwrite=args.overwrite, tokenizer=args.tokenizer, n=args.n,
+                       overwrite=args.overwrite, tokenizer=args.tokenizer, n=n,
                        threads=args.threads, progress=not args.quiet)
     _print_generation(adapter, Path(args.out).absolute(), args.quiet)
     return 0
@@ -283,8 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="metalora",
         description="Make a LoRA adapter for a new task on a CPU, without gradient training, "
                     "by combining a bank of existing adapters chosen by dataset distance.",
-        epilog="Start with `metalora generate --example --out my-adapter` (built-in "
-               "demonstration bank); `metalora COMMAND --help` explains each command.")
+        epilog="Start with `metalora generate --example --out my-adapter` (built-in bank of 48 "
+               "SmolLM2-135M task LoRAs); `metalora COMMAND --help` explains each command.")
     parser.add_argument("--version", action="version", version=f"metalora {__version__}")
     parser.add_argument("--isa", choices=["serial", "avx2", "avx512", "neon"],
                         help="force a SIMD level (default: the best this CPU has)")
@@ -294,14 +305,16 @@ def build_parser() -> argparse.ArgumentParser:
         "generate", help="make an adapter for a dataset from a bank",
         description="Embed the dataset, measure its distance to every bank adapter's dataset, turn "
                     "the distances into coefficients and combine the bank's factors into a PEFT "
-                    "adapter directory. Without --bank the built-in demonstration bank is used.")
+                    "adapter directory. Without --bank the built-in bank (48 task LoRAs for "
+                    "SmolLM2-135M-Instruct) is used.")
     p.add_argument("--data", metavar="FILE", help="dataset: JSONL rows with 'input' and 'output' "
                    "(also JSON, CSV, Parquet, BIG-bench task.json)")
     p.add_argument("--example", action="store_true",
-                   help="use the demonstration bank's held-out example task as the dataset")
+                   help="use the built-in example task (one with no adapter in the bank) as the "
+                   "dataset")
     p.add_argument("--out", metavar="DIR", required=True, help="adapter directory to write")
     p.add_argument("--bank", metavar="DIR", help="bank directory or bank.jsonl (default: the "
-                   "demonstration bank)")
+                   "built-in SmolLM2-135M bank)")
     p.add_argument("--distance", choices=list(METRICS), default="sinkhorn",
                    help="dataset distance (default: sinkhorn divergence of the embeddings)")
     p.add_argument("--operator", choices=list(OPERATORS), default="normalized",

@@ -28,9 +28,9 @@ from .coefficients import OPERATORS, NeuralOperator, coefficients, select_temper
 from .datasets import Dataset, load_dataset
 from .distances import METRICS, distances, pairwise_distances
 
-__all__ = ["generate", "Generation", "bank_signatures", "bank_distance_matrix", "parameter_gram",
-           "metric_params", "neural_operator_path", "signature_kind", "NEURAL_OPERATOR_FILE",
-           "EMBEDDING_METRICS", "TOKEN_METRICS"]
+__all__ = ["generate", "Generation", "bank_signatures", "bank_distance_matrix", "query_distances",
+           "parameter_gram", "metric_params", "neural_operator_path", "signature_kind",
+           "NEURAL_OPERATOR_FILE", "EMBEDDING_METRICS", "TOKEN_METRICS"]
 
 EMBEDDING_METRICS = tuple(m for m, (kind, _) in METRICS.items() if kind == "cloud")
 TOKEN_METRICS = tuple(m for m, (kind, _) in METRICS.items() if kind != "cloud")
@@ -77,6 +77,13 @@ def bank_distance_matrix(sigs: list, metric: str, params: Optional[dict] = None,
     (used to pick ``tau``, train the neural operator and draw the bank heatmap)."""
     return pairwise_distances([_as_query(s, metric) for s in sigs], metric=metric,
                               threads=threads, **(metric_params(metric) if params is None else params))
+
+
+def query_distances(query: Any, sigs: list, metric: str, params: Optional[dict] = None,
+                    threads: int = 0) -> np.ndarray:
+    """Distances from one dataset's signature to each bank signature (one row of ``generate``)."""
+    return distances(_as_query(query, metric), [_as_query(s, metric) for s in sigs], metric=metric,
+                     threads=threads, **(metric_params(metric) if params is None else params))
 
 
 def neural_operator_path(bank: Bank) -> Optional[Path]:
@@ -236,8 +243,7 @@ def generate(dataset: Union[str, Path, Dataset], bank: Union[str, Path, Bank], *
 
     t = time.perf_counter()
     params = metric_params(distance, distance_params)
-    d = distances(_as_query(query, distance), [_as_query(s, distance) for s in sigs],
-                  metric=distance, threads=threads, **params)
+    d = query_distances(query, sigs, distance, params, threads)
     timings["distances"] = time.perf_counter() - t
 
     t = time.perf_counter()
