@@ -278,8 +278,8 @@ def main(argv=None) -> int:
         keep = [j for j in range(nb) if j not in held]
         fold = np.ix_(keep, keep)
 
-        def mix(weights, mode, top_k=None):
-            return combine_adapters(bank, weights, mode=mode, top_k=top_k), weights
+        def mix(weights, mode):
+            return combine_adapters(bank, weights, mode=mode), weights
 
         run(task, "base", lambda: (None, None))
         trained = tasks[task]["trained"]
