@@ -131,8 +131,8 @@ def main(argv=None) -> int:
     tasks = list(table)
     systems = list(dict.fromkeys(s for t in tasks for s in table[t]))
     ordered = [s for s in BASELINES if s in systems] + sorted(s for s in systems if s not in BASELINES)
-    extra = [t for t in tasks if t.startswith("x_") or t not in json.loads(
-        (args.results / "distances.json").read_text())["cols"]]
+    bank = json.loads((args.results / "distances.json").read_text())["cols"]
+    extra = [t for t in tasks if t not in bank]
     bank_tasks = [t for t in tasks if t not in extra]
     all_rows = aggregate(table, tasks, ordered)
     meta = [r for r in all_rows if r["system"].startswith("metalora:")]
@@ -176,7 +176,6 @@ def main(argv=None) -> int:
                 r = json.loads(line)
                 if r["system"] == best["system"]:
                     coefs[r["task"]] = r["weights"]
-        bank = json.loads((args.results / "distances.json").read_text())["cols"]
         plot_heatmap(coefs, tasks, bank, best["system"], args.results / "coefficients_heatmap.png")
     print((args.results / "summary.md").read_text())
     return 0
