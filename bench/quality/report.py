@@ -7,8 +7,9 @@ where it beats ``base`` on Rouge-L (strictly); and the share of the base -> trai
 closes, both as the ratio of the means (mean over tasks of system - base, over the same for
 trained) and as the mean of the per-task ratios on tasks whose gap is at least 0.05 (a smaller
 gap makes the ratio meaningless noise).
-Plots: per-task Rouge-L bars of the baselines and the best metalora system, and the coefficient
-heatmap (evaluated task x bank adapter) of that system, in the style of the paper's figure.
+Plots: per-task Rouge-L bars of the baselines, the best metalora system and the one whose top_k
+and scale the validation split chose; the coefficient heatmap (evaluated task x bank adapter) of
+the best metalora system, in the style of the paper's figure.
 """
 
 from __future__ import annotations
@@ -63,6 +64,15 @@ def aggregate(table, tasks: List[str], systems: List[str]) -> List[dict]:
             else float("nan"),
         })
     return rows
+
+
+def paired_difference(table, tasks: List[str], a: str, b: str, n_boot: int = 10000,
+                      seed: int = 0) -> tuple:
+    """Mean over tasks of Rouge-L(a) - Rouge-L(b) and its 95 % paired bootstrap interval."""
+    ts = [t for t in tasks if a in table[t] and b in table[t]]
+    diff = np.array([table[t][a]["rougeL"] - table[t][b]["rougeL"] for t in ts])
+    boot = np.random.default_rng(seed).choice(diff, size=(n_boot, diff.size)).mean(axis=1)
+    return float(diff.mean()), float(np.quantile(boot, 0.025)), float(np.quantile(boot, 0.975))
 
 
 def _pct(x: float) -> str:
@@ -133,19 +143,22 @@ def main(argv=None) -> int:
     ordered = [s for s in BASELINES if s in systems] + sorted(s for s in systems if s not in BASELINES)
     bank = json.loads((args.results / "distances.json").read_text())["cols"]
     extra = [t for t in tasks if t not in bank]
-    bank_tasks = [t for t in tasks if t not in extra]
+    bank_tasks = [t for t in bank if t in table]      # bank order: families stay together
     all_rows = aggregate(table, tasks, ordered)
     meta = [r for r in all_rows if r["system"].startswith("metalora:")]
     best = max(meta, key=lambda r: r["rougeL"]) if meta else None
 
     lines = ["# Quality benchmark: SmolLM2-135M-Instruct, generated adapters vs baselines", "",
              f"{len(tasks)} tasks evaluated ({len(bank_tasks)} of the bank's, leave-one-out, and "
-             f"{len(extra)} outside it); `evaluate.py` is resumable and fills in the rest.", "",
+             f"{len(extra)} outside it); `evaluate.py` is resumable.", "",
              "Produced by `bench/quality/report.py` from `results.csv` (see `bench/quality/README.md`"
              " for the setup). Rouge-L and exact match from greedy decoding, NLL = teacher-forced "
              "per-token negative log-likelihood of the target (lower is better). Bank tasks are "
              "evaluated leave-one-out (their own adapter removed from the bank); `x_` tasks have no "
-             "adapter in the bank at all; they have no `trained` row yet, so no gap figure.", "",
+             "adapter in the bank at all (their `trained` reference is an adapter trained the same "
+             "way and kept outside the bank). `metalora+val` systems also use the task's "
+             "validation split to choose top_k and scale; the others see only its training split.",
+             "",
              f"## All evaluated tasks ({len(tasks)})", "", markdown_table(all_rows), ""]
     for title, sub in ((f"Bank tasks, leave-one-out ({len(bank_tasks)})", bank_tasks),
                        (f"Extra tasks, not in the bank ({len(extra)})", extra)):
@@ -164,19 +177,39 @@ def main(argv=None) -> int:
                   f"- Best token-id (paper) distance: `{max(tok, key=lambda r: r['rougeL'])['system']}`"
                   f" {max(r['rougeL'] for r in tok):.3f}; best embedding distance: "
                   f"`{max(emb, key=lambda r: r['rougeL'])['system']}` "
-                  f"{max(r['rougeL'] for r in emb):.3f}." if tok and emb else "", ""]
+                  f"{max(r['rougeL'] for r in emb):.3f}." if tok and emb else ""]
+        rivals = ["meancos_top8", max(tok, key=lambda r: r["rougeL"])["system"] if tok else None,
+                  "metalora:js:normalized:linear", "base"]
+        lines.append(f"- Paired differences of `{best['system']}`'s Rouge-L over the tasks (mean, "
+                     f"95 % bootstrap interval over tasks): " + "; ".join(
+                         "vs `{}` {:+.3f} [{:+.3f}, {:+.3f}]".format(
+                             s, *paired_difference(table, tasks, best["system"], s))
+                         for s in rivals if s in systems and s != best["system"]) + ".")
+        for r in all_rows:
+            if r["system"].startswith("metalora+val:"):
+                lines.append(f"- With the validation split choosing top_k and scale: `{r['system']}`"
+                             f" — {r['rougeL']:.3f}; beats base on {_pct(r['beats_base'])} of "
+                             f"tasks; closes {_pct(r['gap_closed'])} of the gap (ratio of means), "
+                             f"{_pct(r['gap_closed_per_task'])} (mean per task); paired "
+                             "difference vs `{}` {:+.3f} [{:+.3f}, {:+.3f}].".format(
+                                 best["system"], *paired_difference(table, tasks, r["system"],
+                                                                    best["system"])))
+        lines.append("")
     (args.results / "summary.md").write_text("\n".join(lines) + "\n")
 
     if best:
-        plot_bars(table, tasks, [s for s in ("base", "uniform", "meancos_top8") if s in systems]
-                  + [best["system"], "trained"], args.results / "per_task_rougeL.png")
+        shown = (["base", "uniform", "meancos_top8", best["system"]]
+                 + [s for s in systems if s.startswith("metalora+val:")] + ["trained"])
+        in_order = extra + bank_tasks
+        plot_bars(table, in_order, [s for s in shown if s in systems],
+                  args.results / "per_task_rougeL.png")
         coefs: Dict[str, Dict[str, float]] = {}
         with open(args.results / "coefficients.jsonl") as f:
             for line in f:
                 r = json.loads(line)
                 if r["system"] == best["system"]:
                     coefs[r["task"]] = r["weights"]
-        plot_heatmap(coefs, tasks, bank, best["system"], args.results / "coefficients_heatmap.png")
+        plot_heatmap(coefs, in_order, bank, best["system"], args.results / "coefficients_heatmap.png")
     print((args.results / "summary.md").read_text())
     return 0
 
