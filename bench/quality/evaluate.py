@@ -5,12 +5,14 @@
 
 For every evaluated task (each bank task with its own adapter left out of the bank, every extra
 task of ``tasks/index.json``, and any ``--extra`` JSONL file with a ``split`` column holding
-``train`` and ``test`` rows, optionally ``validation`` rows) this makes adapters from the bank with metalora's distances,
-operators and combination modes, applies each to the base model, and scores the task's test
-split: Rouge-L of the greedy continuation, exact match, and the teacher-forced NLL of the target.
-Baselines in the same table: ``base`` (no adapter), ``trained`` (the task's own LoRA),
-``uniform`` (exact average of every other adapter's update) and ``meancos_top8`` (the 8 adapters
-whose training sets have the closest mean embedding, equal weights: retrieval style).
+``train`` and ``test`` rows, optionally ``validation`` rows) this makes adapters from the bank
+with metalora's distances, operators and combination modes, applies each to the base model, and
+scores the task's test split: Rouge-L of the greedy continuation, exact match, and the
+teacher-forced NLL of the target. Baselines in the same table: ``base`` (no adapter),
+``trained`` (the task's own LoRA), ``uniform`` (exact average of every other adapter's update)
+and ``meancos_top8`` (the 8 adapters whose training sets have the closest mean embedding, equal
+weights: retrieval style). Tasks with a validation split also get ``metalora+val:...``, whose
+top_k and scale that split chooses (see ``VAL_CANDIDATES``).
 
 Rows go to ``results/results.csv`` as soon as they are measured; a rerun skips (task, system)
 pairs already there. Coefficients go to ``results/coefficients.jsonl``, distance matrices to
@@ -192,7 +194,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--extra", nargs="*", type=Path, default=[],
-                    help="JSONL files of extra tasks (rows with input, output, split=train|test)")
+                    help="JSONL files of extra tasks (rows with input, output, "
+                         "split=train|validation|test; validation is optional)")
     ap.add_argument("--tasks", nargs="*", help="only these task ids")
     ap.add_argument("--systems", nargs="*", help="only these systems (names as in results.csv)")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
