@@ -35,7 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (BANK_DIR, CACHE_DIR, EXTRA_DIR, MAX_TARGET_TOKENS, MODEL_DIR,  # noqa: E402
-                    RESULTS_DIR, TASKS_DIR, encode, load_model, load_split, normalise,
+                    RESULTS_DIR, SPLITS, TASKS_DIR, encode, load_model, load_split, normalise,
                     references, rouge_l, target_nll, task_ids)
 
 os.environ.setdefault("METALORA_CACHE_DIR", str(CACHE_DIR / "metalora"))
@@ -218,18 +218,16 @@ def main(argv=None) -> int:
     # Tasks to evaluate: the extras first (no adapter of theirs in the bank), then every bank task.
     tasks: Dict[str, dict] = {}
     for t in task_ids(TASKS_DIR, "extra"):
-        tasks[t] = {"train": load_split(t, "train"), "test": load_split(t, "test"),
-                    "validation": load_split(t, "validation"), "trained": EXTRA_DIR / t}
+        tasks[t] = {**{s: load_split(t, s) for s in SPLITS}, "trained": EXTRA_DIR / t}
     for path in args.extra:
         rows = [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
-        split = {s: [r for r in rows if r.get("split") == s] for s in ("train", "validation", "test")}
+        split = {s: [r for r in rows if r.get("split") == s] for s in SPLITS}
         if not split["train"] or not split["test"]:
             raise SystemExit(f"{path}: needs rows with split='train' and split='test' "
                              f"(found {len(split['train'])} and {len(split['test'])})")
         tasks[path.stem] = {**split, "trained": None}
     for t in ids[::2] + ids[1::2]:     # interleaved: a cut-short run still spans the families
-        tasks[t] = {"train": load_split(t, "train"), "test": load_split(t, "test"),
-                    "validation": load_split(t, "validation"), "trained": BANK_DIR / t}
+        tasks[t] = {**{s: load_split(t, s) for s in SPLITS}, "trained": BANK_DIR / t}
     if args.tasks:
         tasks = {k: v for k, v in tasks.items() if k in set(args.tasks)}
     names = list(tasks)

@@ -124,7 +124,8 @@ def _targets(ex: dict) -> list:
     return []
 
 
-def build_task(src: Path, task_id: str, role: str, out_dir: Path) -> dict:
+def build_task(root: Path, rel: str, task_id: str, role: str, out_dir: Path) -> dict:
+    src = root / rel
     data = json.loads((src / "task.json").read_text(encoding="utf-8"))
     canary = data.get("canary")
     if not canary:
@@ -159,7 +160,7 @@ def build_task(src: Path, task_id: str, role: str, out_dir: Path) -> dict:
     final = out_dir / task_id
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
-    return {"id": task_id, "role": role, "source": f"bigbench==1.0.0:{src.name if '/' not in str(src) else src}",
+    return {"id": task_id, "role": role, "source": f"bigbench==1.0.0:{rel}",
             "usable": len(rows), **{f"n_{k}": int(len(v)) for k, v in parts.items()}}
 
 
@@ -177,8 +178,7 @@ def main(argv=None) -> int:
         args.out.mkdir(parents=True, exist_ok=True)
         index = []
         for task_id, rel, role in TASKS:
-            info = build_task(src / rel, task_id, role, args.out)
-            info["source"] = f"bigbench==1.0.0:{rel}"
+            info = build_task(src, rel, task_id, role, args.out)
             index.append(info)
             print(f"{task_id:34s} {role:5s} usable={info['usable']:5d} train={info['n_train']}",
                   flush=True)
