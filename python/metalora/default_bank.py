@@ -27,10 +27,16 @@ _SOURCE = Path(__file__).resolve().parents[2] / "bench" / "quality"
 
 
 def _root() -> Optional[Path]:
+    # installed means both the bank and the example task are there: they ship together, and
+    # `generate --example` needs the pair
     for root in (_PACKAGED, _SOURCE):
-        if (root / "bank" / "bank.jsonl").is_file():
+        if (root / "bank" / "bank.jsonl").is_file() and _example(root).is_file():
             return root
     return None
+
+
+def _example(root: Path) -> Path:
+    return root / "tasks" / EXAMPLE_TASK / "train.jsonl"
 
 
 def default_bank() -> Optional[Path]:
@@ -42,5 +48,4 @@ def default_bank() -> Optional[Path]:
 def example_dataset() -> Optional[Path]:
     """Training split (JSONL) of the example task, which is not in the default bank."""
     root = _root()
-    path = None if root is None else root / "tasks" / EXAMPLE_TASK / "train.jsonl"
-    return path if path is not None and path.is_file() else None
+    return None if root is None else _example(root)
