@@ -267,17 +267,55 @@ def test_linear_needs_equal_ranks_and_suggests_svd():
         metalora.combine(A, B, w, mode="linear")
 
 
-def test_unsupported_dtype_and_layout_are_rejected_with_a_fix():
+@pytest.mark.parametrize("mode", ["linear", "cat", "svd"])
+def test_array_likes_are_converted_once_and_give_the_float32_result(mode):
+    """Strided views, float64/int arrays and nested lists are accepted (one conversion each);
+    the result equals that of the same values passed as contiguous float32."""
     A, B, w = good()
-    with pytest.raises(TypeError, match=r"adapter 0: A: dtype float64 is not supported.*astype"):
-        metalora.combine([A[0].astype(np.float64)] + A[1:], B, w)
-    with pytest.raises(TypeError, match=r"adapter 2: B: dtype int32"):
-        metalora.combine(A, B[:2] + [B[2].astype(np.int32)], w)
+    ref = metalora.combine(A, B, w, mode=mode)
     strided = np.asfortranarray(A[1])
-    with pytest.raises(ValueError, match=r"adapter 1: A: array is not C-contiguous.*ascontiguousarray"):
-        metalora.combine(A[:1] + [strided] + A[2:], B, w)
-    with pytest.raises(TypeError, match=r"expected a numpy array, got list"):
-        metalora.combine([A[0].tolist()] + A[1:], B, w)
+    assert not strided.flags.c_contiguous
+    sliced = np.repeat(B[2], 2, axis=1)[:, ::2]  # a non-contiguous view of B[2]'s values
+    assert not sliced.flags.c_contiguous
+    variants = [
+        ([A[0], strided, A[2]], B),
+        ([A[0].astype(np.float64)] + A[1:], B),  # float64 values that are exactly float32
+        (A, B[:2] + [sliced]),
+        ([A[0].tolist()] + A[1:], [B[0].tolist()] + B[1:]),
+    ]
+    for A2, B2 in variants:
+        got = metalora.combine(A2, B2, w, mode=mode)
+        np.testing.assert_array_equal(got[0], ref[0])
+        np.testing.assert_array_equal(got[1], ref[1])
+    ints = [np.arange(a.size, dtype=np.int32).reshape(a.shape) % 3 - 1 for a in A]
+    got = metalora.combine(ints, B, w, mode=mode)
+    exp = metalora.combine([x.astype(np.float32) for x in ints], B, w, mode=mode)
+    np.testing.assert_array_equal(got[0], exp[0])
+
+
+def test_contiguous_kernel_dtypes_are_read_in_place():
+    from metalora._arrays import as_kernel_array
+
+    rng = np.random.default_rng(0)
+    for x in (rng.standard_normal((3, 5)).astype(np.float32),
+              rng.standard_normal((3, 5)).astype(np.float16),
+              rng.standard_normal((3, 5)).astype(ml_dtypes.bfloat16)):
+        v = as_kernel_array(x, "x")
+        assert np.shares_memory(v, x)
+    y = np.asfortranarray(rng.standard_normal((3, 5)).astype(np.float32))
+    assert not np.shares_memory(as_kernel_array(y, "y"), y)
+
+
+def test_unreadable_factors_are_rejected_with_a_fix():
+    A, B, w = good()
+    with pytest.raises(TypeError, match=r"adapter 0: A: dtype complex128 is not a real number"):
+        metalora.combine([A[0].astype(np.complex128)] + A[1:], B, w)
+    with pytest.raises(TypeError, match=r"adapter 2: B: dtype bool"):
+        metalora.combine(A, B[:2] + [B[2] > 0], w)
+    with pytest.raises(ValueError, match=r"adapter 1: A: expected a 2-D array, got shape \(3, 10, 1\)"):
+        metalora.combine(A[:1] + [A[1][..., None]] + A[2:], B, w)
+    with pytest.raises(TypeError, match=r"adapter 0: A: cannot be read as a 2-D array"):
+        metalora.combine([[[1.0, 2.0], [3.0]]] + A[1:], B, w)
 
 
 def test_combine_modules_bad_input():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import numpy as np
 
 try:  # ml_dtypes is a core dependency, but keep the import failure readable.
@@ -23,31 +25,67 @@ def kernel_view(x: object, what: str) -> np.ndarray:
     uint16 bits, and uint16 input is taken to be bfloat16 bits already. Anything else, or a
     non-contiguous array, raises with a message that says what to pass.
     """
+    v = _zero_copy(x)
+    if v is not None:
+        return v
+    if not isinstance(x, np.ndarray):
+        raise TypeError(f"{what}: expected a numpy array, got {type(x).__name__}{_torch_hint(x)}")
+    if x.ndim != 2:
+        raise ValueError(f"{what}: expected a 2-D array, got shape {x.shape}")
+    if x.dtype not in (np.float32, np.float16, np.uint16, BFLOAT16):
+        raise TypeError(
+            f"{what}: dtype {x.dtype} is not supported; pass float32, float16 or bfloat16 "
+            f"(ml_dtypes.bfloat16 or its raw uint16 bits), e.g. x.astype(np.float32)"
+        )
+    raise ValueError(
+        f"{what}: array is not C-contiguous (a transposed or sliced view?); pass "
+        f"np.ascontiguousarray(x), which copies it once"
+    )
+
+
+def as_kernel_array(x: object, what: str) -> np.ndarray:
+    """``x`` as a 2-D kernel array: in place when :func:`kernel_view` can take it, else one copy.
+
+    A strided view keeps its dtype (copied contiguous); other real or integer dtypes and
+    array-likes (nested lists) become float32. Complex, boolean, object and non-2-D input
+    raise with a message naming ``what``.
+    """
+    v = _zero_copy(x)
+    if v is not None:
+        return v
+    if not isinstance(x, np.ndarray):
+        if type(x).__module__.split(".")[0] == "torch":
+            raise TypeError(f"{what}: expected a numpy array, got a torch tensor"
+                            f"{_torch_hint(x)}")
+        try:
+            x = np.asarray(x)
+        except (TypeError, ValueError) as exc:
+            raise TypeError(f"{what}: cannot be read as a 2-D array of numbers ({exc})") from None
+    if x.ndim != 2:
+        raise ValueError(f"{what}: expected a 2-D array, got shape {x.shape}")
+    if x.dtype in (np.float32, np.float16, np.uint16) or (BFLOAT16 is not None and x.dtype == BFLOAT16):
+        return kernel_view(np.ascontiguousarray(x), what)
+    if x.dtype.kind not in "fiu":
+        raise TypeError(f"{what}: dtype {x.dtype} is not a real number type; pass float32, "
+                        f"float16 or bfloat16 factors")
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def _zero_copy(x: object) -> Optional[np.ndarray]:
     if type(x) is np.ndarray and x.ndim == 2 and x.flags.c_contiguous:
         dt = x.dtype  # fast path by identity: builtin dtypes are singletons
         if dt is _F32 or dt is _F16 or dt is _U16:
             return x
         if dt is BFLOAT16:
             return x.view(np.uint16)
-    if not isinstance(x, np.ndarray):
-        kind = type(x).__module__.split(".")[0]
-        hint = " (for a torch tensor use t.detach().cpu().numpy())" if kind == "torch" else ""
-        raise TypeError(f"{what}: expected a numpy array, got {type(x).__name__}{hint}")
-    if x.ndim != 2:
-        raise ValueError(f"{what}: expected a 2-D array, got shape {x.shape}")
-    if BFLOAT16 is not None and x.dtype == BFLOAT16:
-        x = x.view(np.uint16)
-    elif x.dtype not in (np.float32, np.float16, np.uint16):
-        raise TypeError(
-            f"{what}: dtype {x.dtype} is not supported; pass float32, float16 or bfloat16 "
-            f"(ml_dtypes.bfloat16 or its raw uint16 bits), e.g. x.astype(np.float32)"
-        )
-    if not x.flags.c_contiguous:
-        raise ValueError(
-            f"{what}: array is not C-contiguous (a transposed or sliced view?); pass "
-            f"np.ascontiguousarray(x), which copies it once"
-        )
-    return x
+        if BFLOAT16 is not None and dt == BFLOAT16:
+            return x.view(np.uint16)
+    return None
+
+
+def _torch_hint(x: object) -> str:
+    return (" (for a torch tensor use t.detach().cpu().numpy())"
+            if type(x).__module__.split(".")[0] == "torch" else "")
 
 
 def all_finite(x: np.ndarray) -> bool:

@@ -427,13 +427,13 @@ def combine_adapters(bank_or_adapters, weights, *, mode: str = "svd", rank: Opti
         bank; write it with ``adapter.save(path)``.
     """
     from . import __version__
-    from .combine import _check_options, combine_modules
+    from .combine import check_options, combine_modules
 
     if isinstance(bank_or_adapters, Bank):
         bank = bank_or_adapters
     else:
         bank = Bank.from_adapters(bank_or_adapters)
-    _check_options(mode, rank, out_dtype, threads)
+    check_options(mode, rank, out_dtype, threads)
     w = _weights_vector(bank, weights)
     bad = np.flatnonzero(~np.isfinite(w))
     if bad.size:

@@ -1,0 +1,123 @@
+"""Small shared helpers: atomic file writes and the argument checks every stage uses.
+
+Atomic write: the bytes go to a temporary file in the target's directory, are flushed and
+fsynced, and the file is renamed over the target (``os.replace``, atomic on POSIX and Windows);
+the directory is fsynced afterwards. Readers see the old file or the complete new one, and a
+failure leaves neither a partial file nor the temporary behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Optional, Union
+
+import numpy as np
+
+__all__ = ["atomic_write", "atomic_write_json", "fsync_dir", "json_default", "positive_int",
+           "check_threads", "process_umask", "json_text"]
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+def fsync_dir(path: PathLike) -> None:
+    """fsync a directory so that a rename inside it survives a crash (no-op where unsupported)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # pragma: no cover - platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: PathLike, data: Union[bytes, str, Callable[[Any], None]], *,
+                 mode: int = 0o644) -> Path:
+    """Write ``data`` (bytes, str as UTF-8, or a function ``f(file)`` that writes to a binary
+    file) to ``path`` atomically; the file gets permission bits ``mode`` less the umask."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        if hasattr(os, "fchmod"):  # mkstemp's 0600 would hide the file from other users
+            os.fchmod(fd, mode & ~process_umask())
+        with os.fdopen(fd, "wb") as f:
+            if callable(data):
+                data(f)
+            else:
+                f.write(data.encode("utf-8") if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    fsync_dir(path.parent)
+    return path
+
+
+def json_default(x: Any) -> Any:
+    """``json.dump(default=...)`` for numpy scalars and arrays and paths."""
+    if isinstance(x, np.generic):
+        return x.item()
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    if isinstance(x, Path):
+        return str(x)
+    raise TypeError(f"{type(x).__name__} is not JSON serialisable")
+
+
+def json_text(obj: Any) -> str:
+    """Indented, key-sorted JSON with a final newline (the form every metalora file uses)."""
+    return json.dumps(obj, indent=2, sort_keys=True, default=json_default) + "\n"
+
+
+def atomic_write_json(path: PathLike, obj: Any) -> Path:
+    """:func:`atomic_write` of ``obj`` as indented, key-sorted JSON."""
+    return atomic_write(path, json_text(obj))
+
+
+_UMASK: Optional[int] = None
+
+
+def process_umask() -> int:
+    """The process umask, read once (reading it means setting it: done at first use only, so that
+    no later call changes the umask of a running multi-threaded process)."""
+    global _UMASK
+    if _UMASK is None:
+        try:  # Linux: read it without changing it
+            with open("/proc/self/status", encoding="ascii") as f:
+                for line in f:
+                    if line.startswith("Umask:"):
+                        _UMASK = int(line.split()[1], 8)
+                        break
+        except OSError:
+            pass
+        if _UMASK is None:  # pragma: no cover - other platforms
+            _UMASK = os.umask(0o022)
+            os.umask(_UMASK)
+    return _UMASK
+
+
+def positive_int(value: Any, what: str, *, allow_none: bool = False) -> Optional[int]:
+    """``value`` as an int when it is a positive integer (not a bool); else a ValueError naming
+    ``what``. ``None`` passes when ``allow_none``."""
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+        raise ValueError(f"{what} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def check_threads(threads: Any) -> int:
+    """``threads`` as an int: 0 (all cores) or a positive count."""
+    if isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or threads < 0:
+        raise ValueError(f"threads must be a non-negative integer (0 = all cores), got {threads!r}")
+    return int(threads)
