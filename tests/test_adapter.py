@@ -310,13 +310,13 @@ def test_save_failure_leaves_nothing(tmp_path, rng, monkeypatch):
     ad, _ = _adapter(rng)
     old = ad.save(tmp_path / "keep")
     before = {p: p.read_bytes() for p in old.iterdir()}
-    real = mod._write_safetensors
+    real = mod.write_safetensors
 
     def half_then_fail(f, tensors, meta):
         real(f, dict(list(tensors.items())[:1]), meta)
         raise OSError("disk full (simulated)")
 
-    monkeypatch.setattr(mod, "_write_safetensors", half_then_fail)
+    monkeypatch.setattr(mod, "write_safetensors", half_then_fail)
     with pytest.raises(OSError, match="disk full"):
         ad.save(tmp_path / "new")
     with pytest.raises(OSError, match="disk full"):
@@ -355,3 +355,42 @@ def test_public_api():
     for name in ("Adapter", "AdapterError", "load_adapter", "Bank", "BankError",
                  "combine_adapters"):
         assert name in metalora.__all__ and hasattr(metalora, name)
+
+
+def test_unknown_format_and_options_are_refused_and_write_nothing(tmp_path, rng):
+    ad, _ = _adapter(rng)
+    with pytest.raises(ValueError, match=r"format='onnx' is not one of \('peft'"):
+        ad.save(tmp_path / "x", format="onnx")
+    with pytest.raises(TypeError, match=r"format='peft' takes no option\(s\) \['base'\]"):
+        ad.save(tmp_path / "x", base="model.gguf")
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_registered_writer_is_used_by_save(tmp_path, rng):
+    """Adding an output format is one Writer record: save() finds it, passes its options and
+    publishes its directory atomically; overwrite replaces only the format's own files."""
+    from metalora import writers
+
+    def write_npz(adapter, directory, *, compressed=False):
+        save = np.savez_compressed if compressed else np.savez
+        save(directory / "factors.npz", **{f"{m}.{w}": x for m in adapter.names
+                                           for w, x in zip("AB", adapter.factors(m))})
+
+    writers.register(writers.Writer("npz", "numpy archive", write_npz,
+                                    own_files=frozenset({"factors.npz"}),
+                                    options=frozenset({"compressed"})))
+    try:
+        ad, f = _adapter(rng)
+        out = ad.save(tmp_path / "n", format="npz", compressed=True)
+        with np.load(out / "factors.npz") as z:
+            name = next(iter(f))
+            np.testing.assert_array_equal(z[f"{name}.B"], f[name][1])
+        assert sorted(os.listdir(out)) == ["factors.npz"]
+        ad.save(out, format="npz", overwrite=True)
+        (out / "notes.txt").write_text("mine")
+        with pytest.raises(AdapterError, match="not adapter files"):
+            ad.save(out, format="npz", overwrite=True)
+        with pytest.raises(ValueError, match="already registered"):
+            writers.register(writers.Writer("npz", "again", write_npz, own_files=frozenset()))
+    finally:
+        del writers.WRITERS["npz"]

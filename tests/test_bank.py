@@ -263,7 +263,7 @@ def test_mappings_are_released(tmp_path, monkeypatch, max_open):
     held = bank["task002"].modules  # the user holds views of this one: it stays mapped
     w = {"task000": 1.0, "task001": 2.0, "task002": 0.5}
     out = combine_adapters(bank, w, mode="cat", batch_bytes=1)
-    assert [bank[i]._store.is_open for i in bank] == [False, False, True]
+    assert [bank[i].is_mapped for i in bank] == [False, False, True]
     ref = reference_delta(truth, w)
     for name in SHAPES:
         np.testing.assert_allclose(_delta(out, name), ref[name], rtol=1e-5, atol=1e-4)

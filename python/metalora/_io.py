@@ -37,9 +37,10 @@ def fsync_dir(path: PathLike) -> None:
 
 
 def atomic_write(path: PathLike, data: Union[bytes, str, Callable[[Any], None]], *,
-                 mode: int = 0o644) -> Path:
+                 mode: int = 0o666) -> Path:
     """Write ``data`` (bytes, str as UTF-8, or a function ``f(file)`` that writes to a binary
-    file) to ``path`` atomically; the file gets permission bits ``mode`` less the umask."""
+    file) to ``path`` atomically; the file gets permission bits ``mode`` less the umask, as
+    ``open()`` would give it."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:

@@ -32,9 +32,7 @@ import math
 import mmap
 import os
 import re
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 from typing import Dict, Iterable, Mapping, Optional, Sequence, Tuple
 
@@ -179,7 +177,7 @@ def read_safetensors_header(path: Path) -> Tuple[Dict[str, _TensorInfo], Dict[st
     return tensors, meta, size
 
 
-def _write_safetensors(f, tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str]) -> None:
+def write_safetensors(f, tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str]) -> None:
     """Write ``tensors`` (float32/float16/bfloat16, C order) in the safetensors format to ``f``."""
     if sys.byteorder != "little":  # pragma: no cover - no big-endian targets
         raise RuntimeError("writing safetensors needs a little-endian machine")
@@ -487,115 +485,51 @@ class Adapter:
                 f"{self.nbytes / 2**20:.1f} MiB>")
 
     # -- writing -------------------------------------------------------------------------
-    def save(self, path: os.PathLike, *, overwrite: bool = False) -> Path:
-        """Write a PEFT adapter directory atomically.
+    def save(self, path: os.PathLike, *, format: str = "peft", overwrite: bool = False,
+             **options) -> Path:
+        """Write the adapter in an output format, atomically.
 
-        Writes ``adapter_config.json``, ``adapter_model.safetensors`` (metadata
-        ``{"format": "pt"}`` plus ``metalora`` provenance as JSON) and, when there is
-        provenance, a readable ``metalora.json``, into a temporary directory next to ``path``,
-        fsyncs them, and renames it into place: readers see either the old directory or the
-        complete new one, and on any error nothing is left behind.
+        The files go into a temporary directory next to ``path``, are fsynced, and the directory
+        is renamed into place: readers see either the old directory or the complete new one,
+        and on any error nothing is left behind. NaN/Inf factors are never written.
 
         Parameters
         ----------
         path : path-like
-            The adapter directory to create. Its parent must exist.
+            The directory to create. Its parent must exist.
+        format : str
+            A name in :data:`metalora.writers.WRITERS`: ``"peft"`` (default) writes
+            ``adapter_config.json``, ``adapter_model.safetensors`` (metadata
+            ``{"format": "pt"}`` plus the ``metalora`` provenance as JSON) and, when there is
+            provenance, a readable ``metalora.json``.
         overwrite : bool
-            Replace an existing adapter directory (one holding only adapter files). Without it
-            an existing ``path`` raises :class:`FileExistsError`.
+            Replace an existing directory that holds only this format's files. Without it an
+            existing ``path`` raises :class:`FileExistsError`.
+        **options
+            Options of the format's writer (the PEFT writer takes none).
 
         Returns
         -------
         pathlib.Path
             The written directory.
         """
-        path = Path(path).absolute()
-        parent = path.parent
-        if not parent.is_dir():
-            raise AdapterFileNotFoundError(parent, "parent directory does not exist")
-        if os.path.lexists(path):
-            if not overwrite:
-                raise FileExistsError(f"{path}: already exists; pass overwrite=True to replace it")
-            if not path.is_dir() or path.is_symlink():
-                raise AdapterError(path, "exists and is not a directory; refusing to replace it")
-            own = {ADAPTER_CONFIG, ADAPTER_WEIGHTS, PROVENANCE_FILE, "README.md"}
-            extra = sorted(p.name for p in path.iterdir() if p.name not in own)
-            if extra:
-                raise AdapterError(path, f"exists and holds files that are not adapter files "
-                                         f"({extra[:3]}); refusing to replace it")
-        for m in self.names:  # NaN/Inf is never written
-            self.check_finite([m])
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=parent))
-        old = None
-        try:
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would hide the adapter from others
-            meta = {"format": "pt"}
-            if self.provenance is not None:
-                meta["metalora"] = json.dumps(self.provenance, sort_keys=True, default=_json_default)
-            tensors = {}
-            for m in self.names:
-                a, b = self.factors(m)
-                tensors[f"{PREFIX}{m}.lora_A.weight"] = a
-                tensors[f"{PREFIX}{m}.lora_B.weight"] = b
-            with open(tmp / ADAPTER_WEIGHTS, "wb") as f:
-                _write_safetensors(f, tensors, meta)
-                f.flush()
-                os.fsync(f.fileno())
-            _write_json(tmp / ADAPTER_CONFIG, self.config)
-            if self.provenance is not None:
-                _write_json(tmp / PROVENANCE_FILE, self.provenance)
-            _fsync_dir(tmp)
-            if os.path.lexists(path):
-                old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=parent))
-                os.rename(path, old / "x")
-            try:
-                os.rename(tmp, path)
-            except BaseException:
-                if old is not None:
-                    os.rename(old / "x", path)
-                raise
-            _fsync_dir(parent)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            if old is not None and not (old / "x").exists():
-                shutil.rmtree(old, ignore_errors=True)
-            raise
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-        return path
+        from .writers import save_adapter
 
+        return save_adapter(self, path, format=format, overwrite=overwrite, **options)
 
-def _json_default(x):
-    if isinstance(x, np.generic):
-        return x.item()
-    if isinstance(x, np.ndarray):
-        return x.tolist()
-    if isinstance(x, Path):
-        return str(x)
-    raise TypeError(f"{type(x).__name__} is not JSON serialisable")
+    # -- memory mapping ------------------------------------------------------------------
+    @property
+    def is_mapped(self) -> bool:
+        """True while this adapter's weights file is memory-mapped."""
+        return self._store is not None and self._store.is_open
 
-
-def _write_json(path: Path, obj) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, sort_keys=True, default=_json_default)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
+    def release_mapping(self) -> bool:
+        """Unmap the weights file unless the adapter holds its module views (``modules`` was
+        accessed) or it was never mapped; a later read maps it again. Returns True when
+        unmapped (or nothing was mapped)."""
+        if self._store is None or self._modules is not None:
+            return self._store is None
+        return self._store.close()
 
 
 _KEY = re.compile(r"^base_model\.model\.(?P<mod>.+)\.lora_(?P<ab>[AB])\.weight$")

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import warnings
 from collections import Counter
 from pathlib import Path
@@ -348,40 +347,6 @@ def _weights_vector(bank: Bank, weights) -> np.ndarray:
     return w
 
 
-def _output_config(bank: Bank, ranks: Dict[str, int], full_set: bool) -> dict:
-    r = Counter(ranks.values()).most_common(1)[0][0]
-    pattern = {re.escape(m): k for m, k in ranks.items() if k != r}
-    tm_vals = [a.config.get("target_modules") for a in bank._adapters]
-    layered = any(a.config.get("layers_to_transform") is not None for a in bank._adapters)
-    if full_set and not layered and all(json.dumps(t) == json.dumps(tm_vals[0]) for t in tm_vals) \
-            and tm_vals[0] is not None:
-        target = tm_vals[0]
-    else:  # name the kept modules exactly (PEFT matches a list entry as a module-path suffix)
-        target = list(bank.modules)
-    cfg = {
-        "peft_type": "LORA",
-        "task_type": bank.task_type,
-        "base_model_name_or_path": bank.base_model,
-        "r": int(r),
-        "lora_alpha": int(r),
-        "target_modules": target,
-        "fan_in_fan_out": bool(bank.fan_in_fan_out),
-        "use_rslora": False,
-        "use_dora": False,
-        "bias": "none",
-        "lora_dropout": 0.0,
-        "modules_to_save": None,
-        "rank_pattern": pattern,
-        "alpha_pattern": dict(pattern),  # lora_alpha = r per module: scaling 1
-        "init_lora_weights": True,
-        "inference_mode": True,
-    }
-    rev = {a.config.get("revision") for a in bank._adapters}
-    if len(rev) == 1 and None not in rev:
-        cfg["revision"] = rev.pop()
-    return cfg
-
-
 def combine_adapters(bank_or_adapters, weights, *, mode: str = "svd", rank: Optional[int] = None,
                      top_k: Optional[int] = None, out_dtype: str = "float32", threads: int = 0,
                      provenance: Optional[Mapping] = None, batch_bytes: Optional[int] = None,
@@ -428,6 +393,7 @@ def combine_adapters(bank_or_adapters, weights, *, mode: str = "svd", rank: Opti
     """
     from . import __version__
     from .combine import check_options, combine_modules
+    from .writers.peft import combined_config
 
     if isinstance(bank_or_adapters, Bank):
         bank = bank_or_adapters
@@ -451,9 +417,9 @@ def combine_adapters(bank_or_adapters, weights, *, mode: str = "svd", rank: Opti
                          "non-zero weight")
     if batch_bytes is None:
         batch_bytes = _DEFAULT_BATCH_BYTES
-    ads = [bank._adapters[i] for i in used]
+    ads = [bank[i] for i in used]
     wu = w[used]
-    was_open = [a._store is not None and a._store.is_open for a in ads]
+    was_open = [a.is_mapped for a in ads]
 
     batches, cur, size = [], [], 0
     for m in bank.modules:
@@ -491,17 +457,19 @@ def combine_adapters(bank_or_adapters, weights, *, mode: str = "svd", rank: Opti
                 infos[m] = info[m]
                 infos[m]["used"] = [bank.ids[used[j]] for j in info[m]["used"]]
             for a, was in zip(ads, was_open):
-                if many and not was and a._store is not None and a._modules is None:
-                    a._store.close()  # unmapped: pages leave RSS, the descriptor is freed
+                if many and not was:
+                    a.release_mapping()  # unmapped: pages leave RSS, the descriptor is freed
                 else:
                     a.advise(batch, "dontneed")
     finally:
         for a, was in zip(ads, was_open):
-            if not was and a._store is not None and a._modules is None:
-                a._store.close()
+            if not was:
+                a.release_mapping()
 
     ranks = {m: int(out[m][0].shape[0]) for m in out}
-    cfg = _output_config(bank, ranks, full_set=not bank.dropped_modules)
+    cfg = combined_config(bank.values(), bank.modules, ranks, task_type=bank.task_type,
+                          base_model=bank.base_model, fan_in_fan_out=bank.fan_in_fan_out,
+                          full_set=not bank.dropped_modules)
     prov = {
         "metalora_version": __version__,
         "mode": mode,
@@ -512,7 +480,7 @@ def combine_adapters(bank_or_adapters, weights, *, mode: str = "svd", rank: Opti
         "bank": None if bank.path is None else str(bank.path),
         "base_model_name_or_path": bank.base_model,
         "adapters": [{"id": bank.ids[i], "weight": float(w[i]),
-                      "path": None if bank._adapters[i].path is None else str(bank._adapters[i].path)}
+                      "path": None if bank[i].path is None else str(bank[i].path)}
                      for i in used],
         "distance": None,
         "operator": None,
