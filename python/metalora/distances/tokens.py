@@ -109,6 +109,8 @@ def token_mmd(x_ids: Any, y_ids: Any, *, n_samples: int = 1000, seed: int | None
 
 register_metric(Metric(name="wasserstein_1d", kind=TOKEN_IDS, pair=wasserstein_1d, symmetric=True,
                        options=("p",)))
+# token_mmd draws its two samples in argument order: symmetric in distribution, not exactly
+# (a bank against itself mirrors the pairs computed above the diagonal)
 register_metric(Metric(name="token_mmd", kind=TOKEN_IDS, pair=token_mmd, symmetric=True,
                        options=("n_samples", "seed", "scales"), pinned=("seed",)))
 register_metric(Metric(name="kl", kind=TOKEN_HISTOGRAM, pair=kl_divergence, symmetric=False,
