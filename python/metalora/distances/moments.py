@@ -89,12 +89,11 @@ def _gaussian_bank(rows: list, cols: Optional[list], options: dict, threads: int
                    progress: Optional[bool]) -> np.ndarray:
     """The bank path of ``gaussian_w2``: each signature's statistics computed once; the pairs
     call LAPACK from several threads, so one BLAS thread each."""
-    rows = [_gaussian_stats(s, options["ddof"]) for s in rows]
-    if cols is not None:
-        cols = [_gaussian_stats(s, options["ddof"]) for s in cols]
+    row_stats = [_gaussian_stats(s, options["ddof"]) for s in rows]
+    col_stats = None if cols is None else [_gaussian_stats(s, options["ddof"]) for s in cols]
     with one_blas_thread():
-        return pair_block(_gaussian_w2_stats, rows, cols, symmetric=True, threads=threads,
-                          progress=progress, desc="gaussian_w2")
+        return pair_block(_gaussian_w2_stats, row_stats, col_stats, symmetric=True,
+                          threads=threads, progress=progress, desc="gaussian_w2")
 
 
 def _mean_cosine_bank(rows: list, cols: Optional[list], options: dict, threads: int,

@@ -227,7 +227,7 @@ def _sinkhorn_bank(rows: list, cols: Optional[list], options: dict, threads: int
         return v, info["converged"], info["marginal_error"]
 
     block = Block.of(rows, cols, symmetric=True)
-    if not options.get("debias", True):
+    if not options["debias"]:
         solved = evaluate(block.pairs, block.sigs, solve, threads, progress, "sinkhorn")
         values = [v for v, _, _ in solved]
     else:

@@ -69,7 +69,8 @@ POINT_CLOUD = MetricKind("cloud", "embedding", lambda sig: sig, as_cloud)
 TOKEN_IDS = MetricKind("tokens", "tokens", lambda sig: _token_signature(sig).ids,
                        as_sample1d)
 TOKEN_HISTOGRAM = MetricKind("histogram", "tokens",
-                       lambda sig: _token_signature(sig).histogram(density=True), as_density)
+                             lambda sig: _token_signature(sig).histogram(density=True),
+                             as_density)
 
 
 @dataclass(frozen=True)
@@ -86,8 +87,8 @@ class Metric:
         The public single-pair function ``pair(x, y, **options)`` (and ``threads=`` when it takes
         one); the bank paths call it for every pair unless ``bank`` is given.
     symmetric : bool
-        ``pair(x, y) == pair(y, x)``: a bank against itself is computed once per unordered pair
-        and mirrored.
+        ``pair(x, y)`` and ``pair(y, x)`` estimate the same value: a bank against itself is
+        computed once per unordered pair and mirrored.
     options : tuple of str
         The options it accepts through the bank paths, each a keyword parameter of ``pair``
         whose default is the option's default (:attr:`defaults`).
