@@ -50,14 +50,13 @@ def test_sliced_weighted_and_seeded(ot):
 
 @pytest.mark.parametrize("n,m", [(1, 1), (13, 29), (100, 7)])
 def test_wasserstein_1d_matches_scipy(ot, scipy_stats, n, m):
-    stats = scipy_stats
     rng = np.random.default_rng(n + m)
     u = rng.integers(0, 500, n).astype(float)
     v = rng.normal(200, 50, m)
-    assert metalora.wasserstein_1d(u, v) == pytest.approx(stats.wasserstein_distance(u, v), rel=1e-12)
+    assert metalora.wasserstein_1d(u, v) == pytest.approx(scipy_stats.wasserstein_distance(u, v), rel=1e-12)
     uw, vw = rng.uniform(0.1, 2, n), rng.uniform(0.1, 2, m)
     assert metalora.wasserstein_1d(u, v, uw, vw) == pytest.approx(
-        stats.wasserstein_distance(u, v, uw, vw), rel=1e-12)
+        scipy_stats.wasserstein_distance(u, v, uw, vw), rel=1e-12)
     assert metalora.wasserstein_1d(u, v) == pytest.approx(metalora.wasserstein_1d(v, u), rel=1e-12)
     # p = 2 against POT's 1-D solver
     ref = ot.wasserstein_1d(u, v, p=2)
