@@ -216,7 +216,7 @@ BANK_METRICS = [("sinkhorn", {"eps": 0.01}), ("sliced_wasserstein", {}), ("mmd",
 @pytest.mark.parametrize("metric,params", BANK_METRICS, ids=[m for m, _ in BANK_METRICS])
 def test_bank_query(benchmark, bank, metric, params):
     clouds, ids, hists = bank
-    kind = metalora.METRICS[metric][0]
+    kind = metalora.METRICS[metric].kind.name
     sigs = clouds if kind == "cloud" else ids if kind == "tokens" else hists
     d = benchmark.pedantic(lambda: metalora.distances(sigs[0], sigs[1:], metric=metric,
                                                       progress=False, **params),

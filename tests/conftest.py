@@ -33,3 +33,23 @@ def make(rng: np.random.Generator, shape, dtype: str) -> tuple[np.ndarray, np.nd
             arr = arr.view(np.uint16)
     exact = arr.view(ml_dtypes.bfloat16) if dtype == "bfloat16-bits" else arr
     return arr, exact.astype(np.float64)
+
+
+# Optional reference libraries, skipped per test: a test that needs none of them still runs
+# where they are not installed (e.g. on wheels tested without POT).
+@pytest.fixture
+def ot():
+    """POT (Python Optimal Transport), or skip."""
+    return pytest.importorskip("ot")
+
+
+@pytest.fixture
+def scipy_stats():
+    """scipy.stats, or skip."""
+    return pytest.importorskip("scipy.stats")
+
+
+@pytest.fixture
+def scipy_linalg():
+    """scipy.linalg, or skip."""
+    return pytest.importorskip("scipy.linalg")

@@ -1,5 +1,7 @@
-"""distances() and pairwise_distances(): same values as the single-pair functions, symmetry,
-thread-count agreement, progress output, bad input."""
+"""distances() and pairwise_distances(): same values as the single-pair functions for every
+metric, thread-count agreement, progress output, bad input."""
+
+import sys
 
 import numpy as np
 import pytest
@@ -9,6 +11,13 @@ from _dist_helpers import cloud
 
 BANK = [cloud(n, 6, seed=k, shift=0.2 * k) for k, n in enumerate([11, 17, 9, 23, 14])]
 QUERY = cloud(13, 6, seed=99, shift=0.3)
+_rng = np.random.default_rng(0)
+_IDS = [_rng.integers(0, 50 + 20 * k, 200 + 30 * k) for k in range(6)]
+_HISTS = [metalora.token_histogram(x, 200) for x in _IDS]
+#: (query, bank) per kind of signature
+INPUTS = {"cloud": (QUERY, BANK), "tokens": (_IDS[0], _IDS[1:]),
+          "histogram": (_HISTS[0], _HISTS[1:])}
+#: every metric through its public single-pair function, with the options of PARAMS
 SINGLE = {
     "sinkhorn": lambda x, y: metalora.sinkhorn_divergence(x, y, eps=2.0, tol=1e-9),
     "sliced_wasserstein": lambda x, y: metalora.sliced_wasserstein(x, y, n_projections=16),
@@ -16,51 +25,83 @@ SINGLE = {
     "energy": lambda x, y: metalora.energy_distance(x, y),
     "gaussian_w2": lambda x, y: metalora.gaussian_w2(x, y),
     "mean_cosine": lambda x, y: metalora.mean_cosine(x, y),
+    "wasserstein_1d": lambda x, y: metalora.wasserstein_1d(x, y),
+    "token_mmd": lambda x, y: metalora.token_mmd(x, y, n_samples=100, seed=3),
+    "kl": lambda x, y: metalora.kl_divergence(x, y),
+    "js": lambda x, y: metalora.js_divergence(x, y),
 }
-PARAMS = {"sinkhorn": {"eps": 2.0, "tol": 1e-9}, "sliced_wasserstein": {"n_projections": 16}}
+PARAMS = {"sinkhorn": {"eps": 2.0, "tol": 1e-9}, "sliced_wasserstein": {"n_projections": 16},
+          "token_mmd": {"n_samples": 100, "seed": 3}}
+
+
+def test_every_metric_is_covered_here():
+    assert sorted(SINGLE) == sorted(metalora.METRICS)
 
 
 @pytest.mark.parametrize("metric", sorted(SINGLE))
 def test_query_against_bank(metric):
-    d = metalora.distances(QUERY, BANK, metric=metric, **PARAMS.get(metric, {}))
-    ref = [SINGLE[metric](QUERY, b) for b in BANK]
-    assert d.shape == (len(BANK),) and d.dtype == np.float64
+    rec = metalora.METRICS[metric]
+    query, bank = INPUTS[rec.kind.name]
+    params = PARAMS.get(metric, {})
+    ref = [SINGLE[metric](query, b) for b in bank]
+    # the record's pair function is the metric's public function
+    assert [rec.pair(query, b, **params) for b in bank] == ref
+    d = metalora.distances(query, bank, metric=metric, **params)
+    assert d.shape == (len(bank),) and d.dtype == np.float64
     np.testing.assert_allclose(d, ref, rtol=1e-9, atol=1e-12)
-    d1 = metalora.distances(QUERY, BANK, metric=metric, threads=1, **PARAMS.get(metric, {}))
+    d1 = metalora.distances(query, bank, metric=metric, threads=1, **params)
     np.testing.assert_array_equal(d, d1)
 
 
 @pytest.mark.parametrize("metric", sorted(SINGLE))
 def test_bank_against_itself(metric):
-    D = metalora.pairwise_distances(BANK, metric=metric, threads=2, **PARAMS.get(metric, {}))
-    assert D.shape == (5, 5)
-    np.testing.assert_array_equal(D, D.T)
-    for i, j in [(0, 3), (4, 1), (2, 2)]:
-        assert D[i, j] == pytest.approx(SINGLE[metric](BANK[i], BANK[j]), rel=1e-9, abs=1e-9)
-    D1 = metalora.pairwise_distances(BANK, metric=metric, threads=1, **PARAMS.get(metric, {}))
+    _, bank = INPUTS[metalora.METRICS[metric].kind.name]
+    params = PARAMS.get(metric, {})
+    D = metalora.pairwise_distances(bank, metric=metric, threads=2, **params)
+    K = len(bank)
+    assert D.shape == (K, K)
+    # every entry against a single-pair value computed here: f(bank_i, bank_j), of the unordered
+    # pair for a symmetric metric (computed once and mirrored; token_mmd, whose two samples are
+    # drawn in argument order, is symmetric only in distribution)
+    symmetric = metalora.METRICS[metric].symmetric
+    ref = np.array([[SINGLE[metric](*((bank[min(i, j)], bank[max(i, j)]) if symmetric
+                                      else (bank[i], bank[j]))) for j in range(K)]
+                    for i in range(K)])
+    np.testing.assert_allclose(D, ref, rtol=1e-9, atol=1e-9)
+    D1 = metalora.pairwise_distances(bank, metric=metric, threads=1, **params)
     np.testing.assert_array_equal(D, D1)
 
 
-def test_token_metrics_and_asymmetric_kl():
-    rng = np.random.default_rng(0)
-    ids = [rng.integers(0, 50 + 20 * k, 200 + 30 * k) for k in range(4)]
-    hists = [metalora.token_histogram(x, 200) for x in ids]
-    K = metalora.pairwise_distances(hists, metric="kl")
-    assert K[1, 2] == pytest.approx(metalora.kl_divergence(hists[1], hists[2]), rel=1e-12)
-    assert K[2, 1] == pytest.approx(metalora.kl_divergence(hists[2], hists[1]), rel=1e-12)
+def test_kl_is_asymmetric_and_follows_the_row_convention():
+    K = metalora.pairwise_distances(_HISTS, metric="kl")
+    assert K[1, 2] == pytest.approx(metalora.kl_divergence(_HISTS[1], _HISTS[2]), rel=1e-12)
+    assert K[2, 1] == pytest.approx(metalora.kl_divergence(_HISTS[2], _HISTS[1]), rel=1e-12)
     assert K[1, 2] != pytest.approx(K[2, 1])
-    J = metalora.pairwise_distances(hists, metric="js")
-    np.testing.assert_array_equal(J, J.T)
-    W = metalora.distances(ids[0], ids[1:], metric="wasserstein_1d")
-    assert W[1] == pytest.approx(metalora.wasserstein_1d(ids[0], ids[2]), rel=1e-12)
-    M = metalora.distances(ids[0], ids[1:], metric="token_mmd", n_samples=100, seed=3)
-    assert M[0] == pytest.approx(metalora.token_mmd(ids[0], ids[1], n_samples=100, seed=3), rel=1e-12)
 
 
-def test_progress_fallback_or_tqdm(capsys):
+def test_row_blocks_stack_to_the_bank_matrix():
+    for metric in ("energy", "kl"):
+        _, bank = INPUTS[metalora.METRICS[metric].kind.name]
+        D = metalora.pairwise_distances(bank, metric=metric)
+        blocks = np.vstack([metalora.distance_matrix(bank[:2], bank, metric=metric),
+                            metalora.distance_matrix(bank[2:], bank, metric=metric)])
+        upper = np.triu_indices(len(bank))
+        np.testing.assert_array_equal(blocks[upper], D[upper])  # the same pairs, computed alike
+        np.testing.assert_allclose(blocks, D, rtol=1e-12, atol=1e-15)
+    d = metalora.distances(QUERY, BANK, metric="mmd")
+    np.testing.assert_array_equal(metalora.distance_matrix([QUERY], BANK, metric="mmd")[0], d)
+    np.testing.assert_array_equal(metalora.distance_matrix(BANK, metric="mmd"),
+                                  metalora.pairwise_distances(BANK, metric="mmd"))
+
+
+def test_progress_counts_the_pairs(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "tqdm.auto", None)  # the stderr fallback: exact text
     metalora.pairwise_distances(BANK, metric="energy", progress=True)
-    err = capsys.readouterr().err
-    assert "15" in err  # 15 unordered pairs (tqdm or the stderr fallback)
+    assert "energy: 15/15 pairs" in capsys.readouterr().err  # 5 * 6 / 2, diagonal included
+    metalora.distances(QUERY, BANK, metric="mmd", progress=True)
+    assert "mmd: 5/5 pairs" in capsys.readouterr().err
+    metalora.pairwise_distances(BANK, metric="energy", progress=False)
+    assert capsys.readouterr().err == ""
 
 
 def test_bad_input():
@@ -82,3 +123,4 @@ def test_unconverged_pairs_give_one_summary_warning():
     with pytest.warns(metalora.ConvergenceWarning, match=r"did not converge in 11 of the 11 problems solved for 5 pairs") as rec:
         metalora.distances(QUERY, BANK, metric="sinkhorn", eps=0.05, max_iter=1, tol=1e-12)
     assert len([w for w in rec if issubclass(w.category, metalora.ConvergenceWarning)]) == 1
+    assert rec[0].filename == __file__  # the warning points at the caller of distances()

@@ -7,7 +7,6 @@ import pytest
 import metalora
 
 hyp = pytest.importorskip("hypothesis")
-stats = pytest.importorskip("scipy.stats")
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 from hypothesis.extra import numpy as hnp  # noqa: E402
@@ -21,6 +20,7 @@ weights = st.floats(0.01, 10.0)
        v=hnp.arrays(np.float64, st.integers(1, 40), elements=values),
        data=st.data())
 def test_wasserstein_1d_equals_scipy(u, v, data):
+    stats = pytest.importorskip("scipy.stats")
     uw = data.draw(hnp.arrays(np.float64, u.size, elements=weights))
     vw = data.draw(hnp.arrays(np.float64, v.size, elements=weights))
     ref = stats.wasserstein_distance(u, v, uw, vw)

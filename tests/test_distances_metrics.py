@@ -1,15 +1,12 @@
 """Sliced W (POT), 1-D W (SciPy), MMD / energy / Frechet / cosine of means (float64 numpy),
-the paper's token distances, at every dispatch level and thread count."""
+the paper's token distances, at every dispatch level and thread count. POT and SciPy are
+fixtures: only the tests that compare with them skip without them."""
 
 import numpy as np
 import pytest
 
 import metalora
 from _dist_helpers import LEVELS, cloud, clustered, sqdist64
-
-ot = pytest.importorskip("ot")
-stats = pytest.importorskip("scipy.stats")
-linalg = pytest.importorskip("scipy.linalg")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -19,7 +16,7 @@ linalg = pytest.importorskip("scipy.linalg")
 @pytest.mark.parametrize("level", LEVELS)
 @pytest.mark.parametrize("n,m,d", [(31, 47, 3), (64, 50, 384), (17, 17, 1)])
 @pytest.mark.parametrize("p", [1, 2])
-def test_sliced_matches_pot(level, n, m, d, p):
+def test_sliced_matches_pot(ot, level, n, m, d, p):
     X, Y = cloud(n, d, 1), cloud(m, d, 2, shift=0.3)
     P = metalora.random_projections(d, 50, seed=3)
     ref = ot.sliced_wasserstein_distance(X, Y, p=p, projections=P)
@@ -34,7 +31,7 @@ def test_sliced_matches_pot(level, n, m, d, p):
     assert v32 == pytest.approx(float(ref), rel=1e-5)  # float32 projections
 
 
-def test_sliced_weighted_and_seeded():
+def test_sliced_weighted_and_seeded(ot):
     X, Y = clustered(40, 5, seed=1), clustered(30, 5, seed=2)
     rng = np.random.default_rng(0)
     a = rng.uniform(0.1, 1, 40)
@@ -52,14 +49,14 @@ def test_sliced_weighted_and_seeded():
 
 
 @pytest.mark.parametrize("n,m", [(1, 1), (13, 29), (100, 7)])
-def test_wasserstein_1d_matches_scipy(n, m):
+def test_wasserstein_1d_matches_scipy(ot, scipy_stats, n, m):
     rng = np.random.default_rng(n + m)
     u = rng.integers(0, 500, n).astype(float)
     v = rng.normal(200, 50, m)
-    assert metalora.wasserstein_1d(u, v) == pytest.approx(stats.wasserstein_distance(u, v), rel=1e-12)
+    assert metalora.wasserstein_1d(u, v) == pytest.approx(scipy_stats.wasserstein_distance(u, v), rel=1e-12)
     uw, vw = rng.uniform(0.1, 2, n), rng.uniform(0.1, 2, m)
     assert metalora.wasserstein_1d(u, v, uw, vw) == pytest.approx(
-        stats.wasserstein_distance(u, v, uw, vw), rel=1e-12)
+        scipy_stats.wasserstein_distance(u, v, uw, vw), rel=1e-12)
     assert metalora.wasserstein_1d(u, v) == pytest.approx(metalora.wasserstein_1d(v, u), rel=1e-12)
     # p = 2 against POT's 1-D solver
     ref = ot.wasserstein_1d(u, v, p=2)
@@ -104,7 +101,7 @@ def test_mmd_matches_numpy(level, dtype, n, m, d):
 
 @pytest.mark.parametrize("level", LEVELS)
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_energy_matches_numpy_and_scipy(level, dtype):
+def test_energy_matches_numpy_and_scipy(scipy_stats, level, dtype):
     X, Y = cloud(37, 9, 1).astype(dtype), cloud(52, 9, 2, shift=0.5).astype(dtype)
     D = lambda A, B: np.sqrt(sqdist64(A, B))  # noqa: E731
     ref = np.sqrt(2 * D(X, Y).mean() - D(X, X).mean() - D(Y, Y).mean())
@@ -113,7 +110,7 @@ def test_energy_matches_numpy_and_scipy(level, dtype):
     with metalora.use_isa(level):
         assert metalora.energy_distance(X, Y) == pytest.approx(ref, rel=rel)
         assert metalora.energy_distance(u, v) == pytest.approx(
-            stats.energy_distance(u.ravel(), v.ravel()), rel=rel)
+            scipy_stats.energy_distance(u.ravel(), v.ravel()), rel=rel)
         assert metalora.energy_distance(X, Y, threads=1) == metalora.energy_distance(X, Y, threads=2)
     # The same array twice: self pairs are exactly 0 on both sides.
     assert metalora.energy_distance(X, X) == 0.0
@@ -127,7 +124,7 @@ def test_energy_matches_numpy_and_scipy(level, dtype):
 # Moment-based distances
 
 
-def _frechet_ref(X, Y):
+def _frechet_ref(linalg, X, Y):
     m1, m2 = X.mean(0), Y.mean(0)
     S1, S2 = np.cov(X, rowvar=False), np.cov(Y, rowvar=False)
     s2 = linalg.sqrtm(S2)
@@ -137,9 +134,9 @@ def _frechet_ref(X, Y):
 
 @pytest.mark.parametrize("level", LEVELS)
 @pytest.mark.parametrize("n,m,d", [(50, 60, 3), (30, 45, 20), (200, 150, 8)])
-def test_gaussian_w2_matches_sqrtm(level, n, m, d):
+def test_gaussian_w2_matches_sqrtm(scipy_linalg, level, n, m, d):
     X, Y = cloud(n, d, 1), cloud(m, d, 2, shift=0.4) * 1.3
-    ref = _frechet_ref(X, Y)
+    ref = _frechet_ref(scipy_linalg, X, Y)
     with metalora.use_isa(level):
         assert metalora.gaussian_w2(X, Y) == pytest.approx(ref, rel=1e-6, abs=1e-8)
         assert metalora.gaussian_w2(X, Y, threads=1) == metalora.gaussian_w2(X, Y, threads=2)
@@ -159,7 +156,7 @@ def test_mean_cosine():
 # The paper's token distances
 
 
-def test_kl_js_paper_recipe():
+def test_kl_js_paper_recipe(scipy_stats):
     rng = np.random.default_rng(0)
     V = 300
     a = metalora.token_histogram(rng.integers(0, 100, 500), V)
@@ -173,7 +170,7 @@ def test_kl_js_paper_recipe():
     assert metalora.kl_divergence(a, a) == 0.0
     # scipy's entropy renormalises after smoothing; without smoothing both agree on common support
     assert metalora.kl_divergence(a + 1, b + 1, smoothing=0) == pytest.approx(
-        stats.entropy(a + 1, b + 1), rel=1e-12)
+        scipy_stats.entropy(a + 1, b + 1), rel=1e-12)
     with pytest.raises(ValueError, match="different lengths"):
         metalora.kl_divergence(a, b[:-1])
     with pytest.raises(ValueError, match="non-negative"):

@@ -1,5 +1,6 @@
 """Sinkhorn: against POT (same eps and cost), emd2 as eps -> 0, properties, levels, threads,
-bad input and non-convergence."""
+bad input and non-convergence. POT is a fixture: only the tests that compare with it skip
+without it."""
 
 import functools
 import warnings
@@ -10,10 +11,7 @@ import pytest
 import metalora
 from _dist_helpers import LEVELS, cloud, clustered, sqdist64
 
-ot = pytest.importorskip("ot")
-
-
-def _pot_reference(X, Y, a, b, eps):
+def _pot_reference(ot, X, Y, a, b, eps):
     M = sqdist64(X, Y)
     plan = ot.sinkhorn(a, b, M, eps, method="sinkhorn_log", numItermax=200000, stopThr=1e-13)
     return M, plan
@@ -21,7 +19,7 @@ def _pot_reference(X, Y, a, b, eps):
 
 @pytest.mark.parametrize("n,m,d,kind", [(31, 47, 3, "random"), (40, 25, 384, "random"),
                                          (57, 43, 1, "random"), (45, 52, 3, "clustered")])
-def test_matches_pot_float64(n, m, d, kind):
+def test_matches_pot_float64(ot, n, m, d, kind):
     if kind == "random":
         X, Y = cloud(n, d, 1), cloud(m, d, 2, shift=0.5)
     else:
@@ -32,7 +30,7 @@ def test_matches_pot_float64(n, m, d, kind):
     b = np.full(m, 1.0 / m)
     M = sqdist64(X, Y)
     eps = 0.05 * float(np.median(M))
-    M, ref_plan = _pot_reference(X, Y, a, b, eps)
+    M, ref_plan = _pot_reference(ot, X, Y, a, b, eps)
     ref_cost = float((ref_plan * M).sum())
     value, plan, log = metalora.entropic_ot(X, Y, eps=eps, a=a, b=b, tol=1e-12, max_iter=100000,
                                             return_plan=True, log=True)
@@ -47,7 +45,7 @@ def test_matches_pot_float64(n, m, d, kind):
     assert value == pytest.approx(ref_cost + eps * kl, rel=1e-6)
 
 
-def test_approaches_emd_as_eps_goes_to_zero():
+def test_approaches_emd_as_eps_goes_to_zero(ot):
     X, Y = cloud(30, 3, 4), cloud(37, 3, 5, shift=1.0)
     M = sqdist64(X, Y)
     exact = ot.emd2(np.full(30, 1 / 30), np.full(37, 1 / 37), M)
@@ -107,7 +105,7 @@ def test_levels_and_threads(level):
     assert w == pytest.approx(ref, rel=1e-7)
 
 
-def test_cosine_cost_and_weights_cover_the_cost_option():
+def test_cosine_cost_and_weights_cover_the_cost_option(ot):
     X, Y = cloud(20, 5, 1), cloud(30, 5, 2, shift=1.0)
     M = 1 - (X / np.linalg.norm(X, axis=1, keepdims=True)) @ (Y / np.linalg.norm(Y, axis=1, keepdims=True)).T
     a, b = np.full(20, 1 / 20), np.full(30, 1 / 30)

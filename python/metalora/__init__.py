@@ -24,11 +24,10 @@ from .embed import Embedder, ModelNotInstalledError, TruncationWarning, embed
 from .tokens import TokenSignature, token_signature
 from .signatures import SignatureCache, signature
 
-# signature -> distances
-from .distances import (METRICS, ConvergenceWarning, cost_matrix, distances, energy_distance,
-                        entropic_ot, gaussian_w2, js_divergence, kl_divergence, mean_cosine, mmd,
-                        pairwise_distances, random_projections, sinkhorn_divergence,
-                        sliced_wasserstein, token_histogram, token_mmd, wasserstein_1d)
+# signature -> distances: METRICS (the registry), distances / pairwise_distances, the
+# single-pair functions (sinkhorn_divergence, mmd, kl_divergence, ...)
+from .distances import *  # noqa: F401,F403
+from .distances import __all__ as _distance_names
 
 # distances -> coefficients
 from .coefficients import OPERATORS, NeuralOperator, coefficients, select_temperature
@@ -46,10 +45,7 @@ __all__ = [
     "Dataset", "DatasetError", "load_dataset", "Embedder", "ModelNotInstalledError",
     "TruncationWarning", "embed", "TokenSignature", "token_signature", "SignatureCache",
     "signature",
-    "METRICS", "ConvergenceWarning", "cost_matrix", "distances", "energy_distance", "entropic_ot",
-    "gaussian_w2", "js_divergence", "kl_divergence", "mean_cosine", "mmd", "pairwise_distances",
-    "random_projections", "sinkhorn_divergence", "sliced_wasserstein", "token_histogram",
-    "token_mmd", "wasserstein_1d",
+    *_distance_names,
     "OPERATORS", "NeuralOperator", "coefficients", "select_temperature",
     "MODES", "combine", "combine_modules", "Adapter", "AdapterError", "load_adapter", "Bank",
     "BankError", "combine_adapters",

@@ -165,6 +165,29 @@ class Dataset:
         )
 
 
+
+def as_texts(texts: Any, caller: str) -> List[str]:
+    """A Dataset's ``texts()`` or a sequence of strings, as a list of checked strings (each a
+    ``str`` and valid Unicode); ``caller`` names the function in the messages.
+
+    Package-internal: the input check of :meth:`metalora.Embedder.embed` and
+    :func:`metalora.token_signature`.
+    """
+    if hasattr(texts, "texts") and callable(texts.texts):
+        texts = texts.texts()
+    if isinstance(texts, str):
+        raise TypeError(f"{caller} takes a sequence of strings, not one string; wrap it in a list")
+    out = list(texts)
+    for i, t in enumerate(out):
+        if not isinstance(t, str):
+            raise TypeError(f"texts[{i}] is {type(t).__name__}, expected str")
+        try:
+            t.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise ValueError(f"texts[{i}] is not valid Unicode (lone surrogate at character "
+                             f"{exc.start}); the tokenizer cannot encode it") from None
+    return out
+
 def _check_what(what: str) -> None:
     if what not in WHAT:
         raise ValueError(f"what={what!r}; expected one of {WHAT}")

@@ -30,10 +30,13 @@ from typing import Iterable, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from ._progress import Progress
+from .datasets import as_texts
+from .tokens import load_tokenizer
 
 __all__ = [
     "Embedder",
     "embed",
+    "default_embedder",
     "ModelNotInstalledError",
     "TruncationWarning",
     "DEFAULT_MODEL_PACKAGE",
@@ -266,29 +269,15 @@ class Embedder:
 
     # -- setup helpers ----------------------------------------------------------------------
     def _load_tokenizer(self, tokenizer, default: Optional[Path]):
-        from tokenizers import Tokenizer
-
+        """The tokenizer (truncating at ``max_length``, lowered to the model's positions) and
+        its digest."""
         if tokenizer is None:
             if default is None:
                 raise ValueError("pass tokenizer= (a tokenizer.json) for this ONNX model")
             tokenizer = default
-        if isinstance(tokenizer, Tokenizer):
-            s = tokenizer.to_str()
-            tok = Tokenizer.from_str(s)  # a private copy: we change its padding/truncation
-            digest = hashlib.sha256(s.encode()).hexdigest()
-        else:
-            path = Path(tokenizer)
-            if not path.is_file():
-                raise FileNotFoundError(f"tokenizer.json not found: {path}")
-            tok = Tokenizer.from_file(str(path))
-            digest = file_digest(path)
-        tok.no_padding()
-        limit = self.max_length
         if self._max_positions is not None:
-            limit = min(limit, self._max_positions)
-        self.max_length = limit
-        tok.enable_truncation(max_length=limit)
-        return tok, digest
+            self.max_length = min(self.max_length, self._max_positions)
+        return load_tokenizer(tokenizer, max_length=self.max_length)
 
     # -- public -----------------------------------------------------------------------------
     @property
@@ -334,7 +323,7 @@ class Embedder:
             Row i is the embedding of ``texts[i]``; unit L2 norm when ``normalize``.
             Repeated texts are embedded once and share their row's values.
         """
-        texts = _as_texts(texts)
+        texts = as_texts(texts, "embed()")
         n = len(texts)
         if n == 0:
             return np.zeros((0, self._dim or 0), np.float32)
@@ -405,29 +394,13 @@ class Embedder:
         return e.astype(np.float32, copy=False)
 
 
-def _as_texts(texts, caller: str = "embed()") -> List[str]:
-    """A Dataset's texts or a sequence of strings, checked (strings, valid Unicode)."""
-    if hasattr(texts, "texts") and callable(texts.texts):
-        texts = texts.texts()
-    if isinstance(texts, str):
-        raise TypeError(f"{caller} takes a sequence of strings, not one string; wrap it in a list")
-    out = list(texts)
-    for i, t in enumerate(out):
-        if not isinstance(t, str):
-            raise TypeError(f"texts[{i}] is {type(t).__name__}, expected str")
-        try:
-            t.encode("utf-8")
-        except UnicodeEncodeError as exc:
-            raise ValueError(f"texts[{i}] is not valid Unicode (lone surrogate at character "
-                             f"{exc.start}); the tokenizer cannot encode it") from None
-    return out
-
-
 _DEFAULT: dict = {}
 _DEFAULT_LOCK = threading.Lock()
 
 
-def _default_embedder(**kw) -> Embedder:
+def default_embedder(**kw) -> Embedder:
+    """The default all-MiniLM-L6-v2 :class:`Embedder` with options ``kw``, made once per process
+    and shared (what :func:`embed` and :func:`metalora.signature` use)."""
     key = tuple(sorted(kw.items()))
     with _DEFAULT_LOCK:
         e = _DEFAULT.get(key)
@@ -443,7 +416,7 @@ def embed(texts: Iterable[str], *, threads: int = 0, batch_size: int = 64,
 
     Returns ``ndarray [n, 384] float32`` with unit-norm rows; see :class:`Embedder`.
     """
-    e = _default_embedder(threads=threads, batch_size=batch_size,
-                          max_batch_tokens=max_batch_tokens, max_length=max_length,
-                          progress=progress)
+    e = default_embedder(threads=threads, batch_size=batch_size,
+                         max_batch_tokens=max_batch_tokens, max_length=max_length,
+                         progress=progress)
     return e.embed(texts)

@@ -26,19 +26,14 @@ from .adapter import Adapter
 from .bank import Bank, combine_adapters
 from .coefficients import OPERATORS, NeuralOperator, coefficients, select_temperature
 from .datasets import Dataset, load_dataset
-from .distances import METRICS, distances, pairwise_distances
+from .distances import distances, get_metric, pairwise_distances
 
 __all__ = ["generate", "Generation", "bank_signatures", "bank_distance_matrix", "query_distances",
            "parameter_gram", "metric_params", "neural_operator_path", "signature_kind",
-           "NEURAL_OPERATOR_FILE", "EMBEDDING_METRICS", "TOKEN_METRICS"]
+           "NEURAL_OPERATOR_FILE"]
 
-EMBEDDING_METRICS = tuple(m for m, (kind, _) in METRICS.items() if kind == "cloud")
-TOKEN_METRICS = tuple(m for m, (kind, _) in METRICS.items() if kind != "cloud")
 #: Where ``metalora bank index --neural`` saves a bank's trained neural operator.
 NEURAL_OPERATOR_FILE = "neural_operator.onnx"
-#: Default options per metric: entropic blur suited to unit-norm embeddings, and so on.
-DEFAULT_PARAMS: Dict[str, dict] = {"sinkhorn": {"eps": 0.05}, "sliced_wasserstein": {"seed": 0},
-                                   "token_mmd": {"seed": 0}}
 
 
 @dataclass
@@ -62,28 +57,32 @@ class Generation:
 
 
 def signature_kind(metric: str) -> str:
-    """``"embedding"`` for the point-cloud metrics, ``"tokens"`` for the paper's token metrics."""
-    return "embedding" if METRICS[metric][0] == "cloud" else "tokens"
+    """``"embedding"`` for the point-cloud metrics, ``"tokens"`` for the paper's token metrics
+    (``METRICS[metric].kind.signature``)."""
+    return get_metric(metric).kind.signature
 
 
 def metric_params(metric: str, extra: Optional[dict] = None) -> dict:
-    """The metric's options: :data:`DEFAULT_PARAMS` updated by ``extra``."""
-    return dict(DEFAULT_PARAMS.get(metric, {}), **(extra or {}))
+    """The options ``generate`` passes to the metric: its pinned defaults (e.g. Sinkhorn's
+    ``eps``; :meth:`metalora.distances.Metric.generate_options`) updated by ``extra``, checked."""
+    return get_metric(metric).generate_options(extra)
 
 
 def bank_distance_matrix(sigs: list, metric: str, params: Optional[dict] = None,
                          threads: int = 0) -> np.ndarray:
     """Bank-vs-bank distances ``D[i, j]`` between the signatures of :func:`bank_signatures`
     (used to pick ``tau``, train the neural operator and draw the bank heatmap)."""
-    return pairwise_distances([_as_query(s, metric) for s in sigs], metric=metric,
-                              threads=threads, **(metric_params(metric) if params is None else params))
+    convert = get_metric(metric).kind.convert
+    return pairwise_distances([convert(s) for s in sigs], metric=metric, threads=threads,
+                              **(metric_params(metric) if params is None else params))
 
 
 def query_distances(query: Any, sigs: list, metric: str, params: Optional[dict] = None,
                     threads: int = 0) -> np.ndarray:
     """Distances from one dataset's signature to each bank signature (one row of ``generate``)."""
-    return distances(_as_query(query, metric), [_as_query(s, metric) for s in sigs], metric=metric,
-                     threads=threads, **(metric_params(metric) if params is None else params))
+    convert = get_metric(metric).kind.convert
+    return distances(convert(query), [convert(s) for s in sigs], metric=metric, threads=threads,
+                     **(metric_params(metric) if params is None else params))
 
 
 def neural_operator_path(bank: Bank) -> Optional[Path]:
@@ -92,15 +91,6 @@ def neural_operator_path(bank: Bank) -> Optional[Path]:
         return None
     root = Path(bank.path)
     return (root if root.is_dir() else root.parent) / NEURAL_OPERATOR_FILE
-
-
-def _as_query(sig: Any, metric: str) -> Any:
-    """The form a metric reads: clouds as they are; token signatures as ids or histograms."""
-    if signature_kind(metric) == "embedding":
-        return sig
-    if metric in ("kl", "js"):
-        return sig.histogram(density=True)
-    return sig.ids
 
 
 def bank_signatures(bank: Bank, *, kind: str = "embedding", embedder=None, tokenizer=None,
@@ -209,8 +199,8 @@ def generate(dataset: Union[str, Path, Dataset], bank: Union[str, Path, Bank], *
     """
     timings: Dict[str, float] = {}
     t = time.perf_counter()
-    if distance not in METRICS:
-        raise ValueError(f"distance={distance!r} is not one of {tuple(METRICS)}")
+    # an unknown metric or option fails here, before any signature is computed
+    params = get_metric(distance, "distance").generate_options(distance_params)
     if operator not in OPERATORS:
         raise ValueError(f"operator={operator!r} is not one of {OPERATORS}")
     if not (tau == "auto" or (isinstance(tau, (int, float)) and tau > 0)):
@@ -242,7 +232,6 @@ def generate(dataset: Union[str, Path, Dataset], bank: Union[str, Path, Bank], *
     timings["signatures"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    params = metric_params(distance, distance_params)
     d = query_distances(query, sigs, distance, params, threads)
     timings["distances"] = time.perf_counter() - t
 

@@ -211,9 +211,9 @@ def signature(data, *, kind: str = "embedding", embedder=None, tokenizer=None,
 
     if kind == "embedding":
         if embedder is None:
-            from .embed import _default_embedder
+            from .embed import default_embedder
 
-            embedder = _default_embedder()
+            embedder = default_embedder()
         key_parts = dict(kind=kind, texts=texts_hash, embedder=embedder.id, n=len(ds))
         key = SignatureCache.key(**key_parts)
         if store is not None:

@@ -12,9 +12,11 @@ import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Union
+from typing import Optional, Union
 
 import numpy as np
+
+from .datasets import as_texts
 
 __all__ = ["TokenSignature", "token_signature", "load_tokenizer"]
 
@@ -76,24 +78,43 @@ class TokenSignature:
         return self.ids[rng.choice(self.ids.shape[0], size=size, replace=replace)]
 
 
-def load_tokenizer(tokenizer):
-    """A ``tokenizers.Tokenizer`` from a ``tokenizer.json`` path (or pass one through), plus its id."""
+def load_tokenizer(tokenizer, *, max_length: Optional[int] = None):
+    """A private ``tokenizers.Tokenizer`` and its id; the one loader of the token signatures and
+    of :class:`metalora.Embedder`.
+
+    Parameters
+    ----------
+    tokenizer : path or tokenizers.Tokenizer
+        A ``tokenizer.json``, a directory holding one, or a ``Tokenizer`` (copied: the copy's
+        padding and truncation are set here).
+    max_length : int, optional
+        Truncate every encoding at this many tokens (special tokens included); None: no
+        truncation. Never padded.
+
+    Returns
+    -------
+    (Tokenizer, str)
+        The tokenizer and the sha256 (hex) of its definition: the bytes of the file, or
+        ``Tokenizer.to_str()`` encoded in UTF-8 (what cache keys hash).
+    """
     from tokenizers import Tokenizer
 
     if isinstance(tokenizer, Tokenizer):
-        s = tokenizer.to_str()
-        tok = Tokenizer.from_str(s)
+        data = tokenizer.to_str().encode("utf-8")
     else:
         p = Path(tokenizer)
         if p.is_dir():
             p = p / "tokenizer.json"
         if not p.is_file():
             raise FileNotFoundError(f"tokenizer.json not found: {p}")
-        s = p.read_text(encoding="utf-8")
-        tok = Tokenizer.from_str(s)
+        data = p.read_bytes()
+    tok = Tokenizer.from_str(data.decode("utf-8"))
     tok.no_padding()
-    tok.no_truncation()
-    return tok, hashlib.sha256(s.encode("utf-8")).hexdigest()
+    if max_length is None:
+        tok.no_truncation()
+    else:
+        tok.enable_truncation(max_length=int(max_length))
+    return tok, hashlib.sha256(data).hexdigest()
 
 
 def token_signature(texts, tokenizer, *, add_special_tokens: bool = False,
@@ -115,9 +136,7 @@ def token_signature(texts, tokenizer, *, add_special_tokens: bool = False,
     -------
     TokenSignature
     """
-    from .embed import _as_texts  # same checks: strings, valid Unicode
-
-    texts = _as_texts(texts, "token_signature()")
+    texts = as_texts(texts, "token_signature()")
     if not texts:
         raise ValueError("token_signature() of an empty dataset")
     tok, tid = load_tokenizer(tokenizer)
