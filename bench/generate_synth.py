@@ -62,7 +62,7 @@ def prepare(n: int) -> None:
         os.replace(tmp, path)
     os.environ.setdefault("METALORA_CACHE_DIR", str(CACHE / "metalora-cache"))
     import metalora
-    from metalora.generate import bank_signatures
+    from metalora.bank_index import bank_signatures
 
     t = time.perf_counter()
     bank_signatures(metalora.Bank(root), progress=True)

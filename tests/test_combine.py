@@ -91,6 +91,11 @@ def test_svd_full_rank_equals_cat(isa, dtype, ranks, n_in, n_out):
     got = f64(B_new) @ f64(A_new)
     assert np.linalg.norm(got - ref) <= 64 * EPS32 * np.linalg.norm(ref)
     assert info["energy"] == pytest.approx(1.0, abs=1e-12)
+    # ... and so the same update as cat, the exact stacked factors of the same rank
+    A_cat, B_cat = metalora.combine(A, B, w, scalings=s, mode="cat")
+    assert A_cat.shape == A_new.shape and B_cat.shape == B_new.shape
+    cat = f64(B_cat) @ f64(A_cat)
+    assert np.linalg.norm(got - cat) <= 64 * EPS32 * np.linalg.norm(ref)
     # A_new has orthonormal rows on the numerical range of the update.
     S = np.linalg.svd(ref, compute_uv=False)
     k = int(np.sum(S > S[0] * 1e-5))

@@ -30,7 +30,7 @@ def _entry_points(metric):
         "distances": lambda **o: metalora.distances(q, bank, metric=metric, **o),
         "pairwise_distances": lambda **o: metalora.pairwise_distances(bank, metric=metric, **o),
         "distance_matrix": lambda **o: metalora.distance_matrix([q], bank, metric=metric, **o),
-        "metric_params": lambda **o: gen.metric_params(metric, o),
+        "generate_options": lambda **o: metalora.METRICS[metric].generate_options(o),
     }
 
 
@@ -90,7 +90,6 @@ def test_the_registry_is_the_single_source():
         # the pair function is exported, from metalora and from metalora.distances
         assert getattr(metalora, rec.pair.__name__) is rec.pair
         assert rec.pair.__name__ in metalora.__all__
-        assert gen.signature_kind(name) == rec.kind.signature
         assert rec.kind.signature == ("embedding" if rec.kind is POINT_CLOUD else "tokens")
     # the CLI offers exactly the registry's names
     sub = next(a for a in build_parser()._actions if a.dest == "command")
@@ -102,8 +101,9 @@ def test_generate_records_the_same_options_as_before():
     # what the adapter's provenance records as distance_params (unchanged since 0.1.0)
     pinned = {"sinkhorn": {"eps": 0.05}, "sliced_wasserstein": {"seed": 0}, "token_mmd": {"seed": 0}}
     for name in metalora.METRICS:
-        assert gen.metric_params(name) == pinned.get(name, {})
-    assert gen.metric_params("sinkhorn", {"eps": 0.01, "tol": 1e-4}) == {"eps": 0.01, "tol": 1e-4}
+        assert metalora.METRICS[name].generate_options() == pinned.get(name, {})
+    assert metalora.METRICS["sinkhorn"].generate_options({"eps": 0.01, "tol": 1e-4}) == \
+        {"eps": 0.01, "tol": 1e-4}
 
 
 def test_kinds_convert_signatures():
@@ -147,8 +147,8 @@ def test_a_metric_added_to_the_registry_alone_works_everywhere():
         np.testing.assert_allclose(D, ref, rtol=1e-15, atol=0)
         with pytest.raises(TypeError, match=r"'scal' \(did you mean 'scale'\?\); .*scale=1.0"):
             metalora.distances(q, bank, metric="toy_mean_l1", scal=2.0)
-        assert gen.metric_params("toy_mean_l1", {"scale": 3.0}) == {"scale": 3.0}
-        assert gen.signature_kind("toy_mean_l1") == "embedding"
+        assert rec.generate_options({"scale": 3.0}) == {"scale": 3.0}
+        assert rec.kind.signature == "embedding"
     finally:
         assert unregister_metric("toy_mean_l1") is rec
     assert "toy_mean_l1" not in metalora.METRICS

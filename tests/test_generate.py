@@ -79,12 +79,17 @@ def test_auto_temperature_and_the_neural_operator(tmp_path):
     bank = shutil.copytree(demo_bank(), tmp_path / "bank")
     ad = metalora.generate(example_dataset(), bank, tau="auto")
     assert ad.provenance["tau_auto"] and ad.generation.tau > 0
-    with pytest.raises(ValueError, match="metalora bank index BANK --neural"):
+    assert list((bank / "metalora-index").glob("tau-*.npz")), "auto tau is kept in the index"
+    with pytest.raises(ValueError, match=r"run `metalora bank index .*bank --neural --distance "
+                                         r"sinkhorn` first"):
         metalora.generate(example_dataset(), bank, operator="neural")
     assert main(["bank", "index", str(bank), "--neural", "--epochs", "60"]) == 0
-    assert (bank / "neural_operator.onnx").is_file()
+    assert (bank / "metalora-index" / "neural-sinkhorn.npz").is_file()
     ad = metalora.generate(example_dataset(), bank, operator="neural")
     assert np.isclose(ad.generation.coefficients.sum(), 1.0)
+    with pytest.raises(ValueError, match=r"trained on sinkhorn, not mmd: run `metalora bank index "
+                                         r".* --neural --distance mmd`"):
+        metalora.generate(example_dataset(), bank, operator="neural", distance="mmd")
 
 
 def test_generate_bad_input(tmp_path):
@@ -157,6 +162,35 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert main(["bank", "add", str(tmp_path), "--id", "a", "--adapter", str(tmp_path)]) == 2
     assert "metalora bank init" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_cli_prints_every_problem_of_a_broken_bank(tmp_path, capsys):
+    """`metalora inspect` on a bank with several problems names all of them (the message used to
+    be cut to its first line, ending in "see the lines above" with nothing above)."""
+    from _bank_helpers import make_bank
+
+    root, _ = make_bank(tmp_path / "bank", n=30)
+    for j in range(25):  # more problems than a BankError message lists
+        (root / f"task{j:03d}" / "adapter_config.json").write_text("{not json")
+    assert main(["inspect", str(root)]) == 2
+    err = capsys.readouterr().err
+    assert "25 problem(s) in the bank" in err
+    for j in range(25):
+        assert f"adapter 'task{j:03d}'" in err
+    assert "see the lines above" not in err and "see .problems" not in err
+
+
+def test_cli_does_not_turn_a_bug_into_a_user_error(monkeypatch):
+    """A TypeError from inside metalora is a bug: it propagates (with its traceback) instead of
+    becoming an exit-2 'error:' line."""
+    import metalora.cli as cli
+
+    def broken(args):
+        raise TypeError("unsupported operand type(s)")
+
+    monkeypatch.setattr(cli, "_cmd_info", broken)
+    with pytest.raises(TypeError, match="unsupported operand"):
+        main(["info"])
 
 
 def test_cli_help_for_every_command():

@@ -45,7 +45,9 @@ from metalora import Bank, coefficients, load_adapter  # noqa: E402
 from metalora.bank import combine_adapters  # noqa: E402
 from metalora.coefficients import NeuralOperator, select_temperature  # noqa: E402
 from metalora.datasets import Dataset  # noqa: E402
-from metalora.generate import parameter_gram, query_distances, signature_kind  # noqa: E402
+from metalora.bank_index import parameter_gram  # noqa: E402
+from metalora.distances import get_metric  # noqa: E402
+from metalora.generate import query_distances  # noqa: E402
 from metalora.signatures import signature  # noqa: E402
 
 N_TEST = 32
@@ -247,7 +249,7 @@ def main(argv=None) -> int:
     metrics = sorted({c[0] for c in CONFIGS} | {"mean_cosine"})
     D: Dict[str, np.ndarray] = {}
     for metric in metrics:
-        kind = signature_kind(metric)
+        kind = get_metric(metric).kind.signature
         bank_sigs = [sigs[kind][j] for j in ids]
         D[metric] = np.stack([query_distances(sigs[kind][t], bank_sigs, metric) for t in all_names])
     print(f"distances ({len(metrics)} metrics): {time.time() - t0:.1f} s", flush=True)

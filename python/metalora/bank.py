@@ -28,6 +28,7 @@ from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
+from ._io import positive_int
 from .adapter import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, Adapter, AdapterError,
                       AdapterFileNotFoundError, load_adapter)
 
@@ -405,9 +406,7 @@ def combine_adapters(bank_or_adapters, weights, *, mode: str = "svd", rank: Opti
     if bad.size:
         raise ValueError(f"weight of adapter {bank.ids[bad[0]]!r} is {w[bad[0]]}; weights must "
                          f"be finite")
-    if top_k is not None:
-        if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k <= 0:
-            raise ValueError(f"top_k must be a positive integer, got {top_k!r}")
+    if positive_int(top_k, "top_k", allow_none=True) is not None:
         order = np.argsort(-np.abs(w), kind="stable")
         w = w.copy()
         w[order[int(top_k):]] = 0.0

@@ -1,7 +1,8 @@
-"""The ``metalora`` command.
+"""The ``metalora`` command: ``generate``, ``bank init|add|index``, ``inspect``, ``plot``,
+``info``, ``demo``.
 
-Subcommands are added by the modules that own them; each has a ``--help`` and exits with a
-non-zero status and one clear line on bad input.
+Each subcommand has a ``--help``. Bad input exits with status 2 and a message naming the problem
+(every line of it: a bank with several problems lists them all), never a traceback.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import sys
 import time
 import json
 import os
+import tempfile
 from pathlib import Path
 from typing import Sequence
 
@@ -123,7 +125,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     adapter = generate(data, bank, distance=args.distance, operator=args.operator, tau=tau,
                        mode=args.mode, rank=args.rank,
                        top_k=None if args.top_k == "all" else int(args.top_k), out=Path(args.out),
-                       overwrite=args.overwrite, tokenizer=args.tokenizer, n=n,
+                       format=args.format, overwrite=args.overwrite, tokenizer=args.tokenizer, n=n,
                        threads=args.threads, progress=not args.quiet)
     _print_generation(adapter, Path(args.out).absolute(), args.quiet)
     return 0
@@ -144,7 +146,8 @@ def _cmd_bank_init(args: argparse.Namespace) -> int:
 
 def _cmd_bank_add(args: argparse.Namespace) -> int:
     from .adapter import load_adapter
-    from .bank import MANIFEST, Bank
+    from ._io import atomic_write
+    from .bank import MANIFEST, Bank, BankError
     from .datasets import load_dataset
 
     root = Path(args.bank)
@@ -159,40 +162,47 @@ def _cmd_bank_add(args: argparse.Namespace) -> int:
         line["dataset"] = os.path.relpath(Path(args.dataset).absolute(), root.absolute())
     text = manifest.read_text(encoding="utf-8")
     new = text + ("" if not text or text.endswith("\n") else "\n") + json.dumps(line) + "\n"
-    tmp = manifest.with_name(f".{MANIFEST}.tmp")
-    tmp.write_text(new, encoding="utf-8")
+    # the bank with the new line must validate before the manifest changes: check a copy
+    # beside it (same directory, so relative paths resolve), then publish atomically
+    fd, tmp = tempfile.mkstemp(prefix=f".{MANIFEST}.", suffix=".check.jsonl", dir=root)
     try:
-        bank = Bank(tmp)  # the bank with the new line must still validate
-    except Exception:
-        tmp.unlink()
-        raise
-    tmp.replace(manifest)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(new)
+        try:
+            bank = Bank(tmp)
+        except BankError as exc:
+            raise BankError(manifest, exc.problems) from None
+    finally:
+        os.unlink(tmp)
+    atomic_write(manifest, new)
     print(f"added {args.id!r}: the bank now has {len(bank)} adapters")
     return 0
 
 
 def _cmd_bank_index(args: argparse.Namespace) -> int:
     from .bank import Bank
-    from .coefficients import NeuralOperator
-    from .generate import (bank_distance_matrix, bank_signatures, neural_operator_path,
-                           parameter_gram, signature_kind)
+    from .bank_index import BankIndex, bank_signatures
+    from .distances import get_metric
 
     bank = Bank(args.bank)
-    kind = signature_kind(args.distance)
-    if kind == "tokens" and not args.tokenizer:
-        raise UserError(f"--distance {args.distance} needs --tokenizer tokenizer.json")
+    spec = get_metric(args.distance)
+    if spec.kind.signature == "tokens" and not args.tokenizer:
+        raise UserError(f"--distance {args.distance} compares token ids: pass --tokenizer "
+                        f"tokenizer.json (the base model's)")
     t = time.perf_counter()
-    sigs = bank_signatures(bank, kind=kind, tokenizer=args.tokenizer, progress=True)
+    sigs = bank_signatures(bank, kind=spec.kind.signature, tokenizer=args.tokenizer, progress=True)
     print(f"signatures of {len(bank)} bank datasets cached ({time.perf_counter() - t:.1f}s)")
+    index = BankIndex(bank)
+    t = time.perf_counter()
+    index.distance_matrix(sigs, args.distance, threads=args.threads, progress=True)
+    index.gram()
+    print(f"bank distances ({args.distance}) and parameter Gram matrix indexed "
+          f"({time.perf_counter() - t:.1f}s) in {index.directories[0]}")
     if args.neural:
         t = time.perf_counter()
-        op = NeuralOperator.fit(bank_distance_matrix(sigs, args.distance), parameter_gram(bank),
-                                epochs=args.epochs)
-        op.meta["distance"] = args.distance
-        target = neural_operator_path(bank)
-        op.save(target)
-        print(f"neural operator trained (leave-one-out error {op.meta['loo_error']:.4f}, "
-              f"{time.perf_counter() - t:.1f}s) and saved to {target}")
+        op = index.train_neural(sigs, args.distance, epochs=args.epochs, threads=args.threads)
+        print(f"neural operator trained on {args.distance} (leave-one-out error "
+              f"{op.meta['loo_error']:.4f}, {time.perf_counter() - t:.1f}s)")
     return 0
 
 
@@ -266,12 +276,13 @@ def _cmd_plot(args: argparse.Namespace) -> int:
         ax.set_title(f"{path.name}: {prov.get('distance')} / {prov.get('operator')} / {prov.get('mode')}")
     else:
         from .bank import Bank
-        from .generate import bank_distance_matrix, bank_signatures, signature_kind
+        from .bank_index import BankIndex, bank_signatures
+        from .distances import get_metric
 
         bank = Bank(path)
-        if signature_kind(args.distance) != "embedding":
+        if get_metric(args.distance).kind.signature != "embedding":
             raise UserError("bank heatmaps use an embedding distance (e.g. --distance sinkhorn)")
-        D = bank_distance_matrix(bank_signatures(bank, progress=True), args.distance)
+        D = BankIndex(bank).distance_matrix(bank_signatures(bank, progress=True), args.distance)
         fig, ax = plt.subplots(figsize=(1 + 0.35 * len(bank), 0.8 + 0.35 * len(bank)))
         im = ax.imshow(D, cmap="viridis")
         ax.set_xticks(range(len(bank)), bank.ids, rotation=90, fontsize=7)
@@ -279,9 +290,9 @@ def _cmd_plot(args: argparse.Namespace) -> int:
         fig.colorbar(im, ax=ax, label=args.distance)
         ax.set_title(f"bank distances ({args.distance})")
     fig.tight_layout()
-    tmp = out.with_name(f".{out.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    tmp.replace(out)
+    from ._io import atomic_write
+
+    atomic_write(out, lambda f: fig.savefig(f, dpi=120, format="png"))
     print(f"plot written to {out}")
     return 0
 
@@ -289,6 +300,7 @@ def _cmd_plot(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from .coefficients import OPERATORS
     from .distances import METRICS
+    from .writers import WRITERS
 
     parser = argparse.ArgumentParser(
         prog="metalora",
@@ -329,6 +341,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", metavar="FILE", help="base model's tokenizer.json (token distances)")
     p.add_argument("--n", type=int, help="subsample every dataset to n examples")
     p.add_argument("--threads", type=int, default=0, help="threads (0 = all cores)")
+    p.add_argument("--format", choices=list(WRITERS), default="peft",
+                   help="output format (default peft: a PEFT adapter directory)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
     p.add_argument("--quiet", action="store_true", help="print only where the adapter went")
     p.set_defaults(func=_cmd_generate)
@@ -348,16 +362,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", required=True, metavar="DIR", help="PEFT adapter directory")
     p.add_argument("--dataset", metavar="FILE", help="dataset the adapter was trained on")
     p.set_defaults(func=_cmd_bank_add)
-    p = bsub.add_parser("index", help="cache the bank's signatures (and train the neural operator)",
-                        description="Compute and cache the signature of every bank dataset, so "
-                                    "that generate only embeds the new dataset. --neural also "
-                                    "trains the neural operator (needs torch) and saves it in the "
-                                    "bank directory.")
+    p = bsub.add_parser("index", help="index the bank: signatures, distances (and the neural "
+                        "operator)",
+                        description="Compute once and store what generate needs from the bank: "
+                                    "the signature of every bank dataset (signature cache), the "
+                                    "bank-vs-bank distance matrix for --distance and the "
+                                    "parameter Gram matrix (in BANK/metalora-index/, or the user "
+                                    "cache when the bank is read-only). Entries record hashes of "
+                                    "their inputs and are recomputed when the bank changes. "
+                                    "--neural also trains the neural operator for --distance "
+                                    "(needs torch).")
     p.add_argument("bank", metavar="BANK")
-    p.add_argument("--distance", choices=list(METRICS), default="sinkhorn")
-    p.add_argument("--tokenizer", metavar="FILE")
-    p.add_argument("--neural", action="store_true", help="train the neural operator")
-    p.add_argument("--epochs", type=int, default=400)
+    p.add_argument("--distance", choices=list(METRICS), default="sinkhorn",
+                   help="metric to index (default sinkhorn)")
+    p.add_argument("--tokenizer", metavar="FILE", help="base model's tokenizer.json (token "
+                   "distances)")
+    p.add_argument("--neural", action="store_true", help="train the neural operator for "
+                   "--distance (operator 'neural' of generate)")
+    p.add_argument("--epochs", type=int, default=400, help="neural operator training epochs "
+                   "(default 400)")
+    p.add_argument("--threads", type=int, default=0, help="threads (0 = all cores)")
     p.set_defaults(func=_cmd_bank_index)
 
     p = sub.add_parser("inspect", help="summarise an adapter or a bank",
@@ -398,18 +422,41 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "command", None):
         parser.print_help()
         return 2
+    _log_to_stderr()
     try:
         if args.isa:
             set_isa(args.isa)
         return int(args.func(args) or 0)
-    except (UserError, ValueError, TypeError, OSError, ImportError, OverflowError) as exc:
-        msg = " ".join(str(exc).split()) if not isinstance(exc, ValueError) or "\n" not in str(exc) \
-            else str(exc).splitlines()[0] + " (more: see the lines above)"
-        print(f"metalora {args.command}: error: {msg}", file=sys.stderr)
+    except (UserError, ValueError, OSError, ImportError, OverflowError) as exc:
+        # TypeError is not caught: it means a bug, and its traceback is what a report needs.
+        from .bank import BankError
+
+        text = str(exc)
+        if isinstance(exc, BankError):  # every problem, not the message's first _MAX_LINES
+            text = f"{exc.where}: {len(exc.problems)} problem(s) in the bank:\n" + "\n".join(exc.problems)
+        lines = [" ".join(line.split()) for line in text.splitlines() if line.strip()]
+        print(f"metalora {args.command}: error: {lines[0] if lines else type(exc).__name__}",
+              file=sys.stderr)
+        for line in lines[1:]:
+            print(f"  {line}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("metalora: interrupted", file=sys.stderr)
         return 130
+
+
+def _log_to_stderr() -> None:
+    """The library's notes (``logging.getLogger("metalora")``, e.g. a bank index entry being
+    recomputed and why) go to stderr as ``metalora: ...`` lines."""
+    import logging
+
+    log = logging.getLogger("metalora")
+    if not any(getattr(h, "_metalora_cli", False) for h in log.handlers):
+        h = logging.StreamHandler(sys.stderr)
+        h.setFormatter(logging.Formatter("metalora: %(message)s"))
+        h._metalora_cli = True  # type: ignore[attr-defined]
+        log.addHandler(h)
+        log.setLevel(logging.INFO)
 
 
 if __name__ == "__main__":

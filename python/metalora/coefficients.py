@@ -32,6 +32,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from ._io import positive_int
+
 __all__ = [
     "OPERATORS",
     "coefficients",
@@ -119,9 +121,7 @@ def coefficients(distances: Sequence[float], *, operator: str = "normalized", ta
         raise ValueError(f"operator={operator!r} is not one of {OPERATORS}")
     if not (isinstance(tau, (int, float, np.floating)) and np.isfinite(tau) and tau > 0):
         raise ValueError(f"tau must be a positive finite number, got {tau!r}")
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer))
-                              or top_k < 1):
-        raise ValueError(f"top_k must be a positive integer, got {top_k!r}")
+    top_k = positive_int(top_k, "top_k", allow_none=True)
     for i in exclude:
         d[int(i)] = np.inf
     if operator == "attentional":
@@ -293,13 +293,11 @@ class NeuralOperator:
 
     def save(self, path: str | Path) -> None:
         """Write ``<path>`` (ONNX) and ``<path>.json`` (training metadata) atomically."""
+        from ._io import atomic_write
+
         path = Path(path)
-        for target, data in ((path, self.onnx_bytes),
-                             (path.with_suffix(path.suffix + ".json"),
-                              json.dumps(self.meta, indent=2).encode())):
-            tmp = target.with_name(f".{target.name}.tmp")
-            tmp.write_bytes(data)
-            tmp.replace(target)
+        atomic_write(path, self.onnx_bytes)
+        atomic_write(path.with_suffix(path.suffix + ".json"), json.dumps(self.meta, indent=2))
 
     @classmethod
     def load(cls, path: str | Path) -> "NeuralOperator":

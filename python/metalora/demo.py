@@ -1,4 +1,4 @@
-"""The demonstration bank: a stand-in default bank until a real one ships.
+"""The demonstration bank: random adapters for a tiny random model, built on first use.
 
 Twelve small text tasks in five families (letter case, letter order, arithmetic, word lookup,
 classification), each with 40 examples made by the generators below, and for each task a rank-4
@@ -7,7 +7,9 @@ adapters are random, drawn so that tasks of one family have similar adapters: th
 whole pipeline (signatures, distances, coefficients, combination, a PEFT directory) in seconds,
 but the adapters it produces improve no real LLM. Everything that uses it says so.
 
-It is built on first use into the cache (``$METALORA_CACHE_DIR`` or ``~/.cache/metalora``),
+It serves the tests, and ``metalora generate --example`` falls back to it when the built-in
+SmolLM2-135M bank (:mod:`metalora.default_bank`) is not installed. It is built on first use into
+the cache (``$METALORA_CACHE_DIR`` or ``~/.cache/metalora``),
 deterministically, and never downloaded.
 """
 

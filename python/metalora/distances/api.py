@@ -3,7 +3,7 @@ a metric's record (:mod:`.registry`) applied to many pairs."""
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -20,13 +20,15 @@ def _checked(m: Metric, sigs: Sequence[Any], start: int = 0) -> list:
 
 
 def _matrix(m: Metric, rows: list, cols: Optional[list], options: dict, threads: int,
-            progress: Optional[bool]) -> np.ndarray:
+            progress: Optional[bool], row_range: Optional[Tuple[int, int]] = None) -> np.ndarray:
     """The block rows x cols (cols None: the rows against themselves), float64."""
     options = {**m.defaults, **options}
     if m.bank is not None:
-        return m.bank(rows, cols, options, threads, progress)
+        if row_range is None:
+            return m.bank(rows, cols, options, threads, progress)
+        return m.bank(rows, cols, options, threads, progress, row_range=row_range)
     return pair_block(m.bind(options), rows, cols, symmetric=m.symmetric, threads=threads,
-                      progress=progress, desc=m.name)
+                      progress=progress, desc=m.name, row_range=row_range)
 
 
 def distances(query: Any, bank_signatures: Sequence[Any], *, metric: str, threads: int = 0,
@@ -71,20 +73,33 @@ def distances(query: Any, bank_signatures: Sequence[Any], *, metric: str, thread
 
 
 def pairwise_distances(bank_signatures: Sequence[Any], *, metric: str, threads: int = 0,
-                       progress: Optional[bool] = None, **params: Any) -> np.ndarray:
+                       progress: Optional[bool] = None, rows: Optional[Tuple[int, int]] = None,
+                       **params: Any) -> np.ndarray:
     """The bank against itself: ``D[i, j] = metric(bank[i], bank[j])``, ``[K, K]`` float64.
 
     Symmetric metrics (``METRICS[name].symmetric``) are computed once per unordered pair and
     mirrored; the diagonal is computed too (it is not assumed to be 0: e.g. the unbiased MMD of a
     cloud with itself is not exactly 0). Parallel over pairs with a progress bar on long runs;
     options as in :func:`distances`.
+
+    ``rows=(a, b)`` computes only rows ``a <= i < b`` of that matrix, ``[b - a, K]``: each entry
+    bit-identical to the whole matrix's, except the entries a symmetric metric mirrors from a
+    pair computed in an earlier row (``j < a``), which are NaN. Row blocks can so be computed
+    independently (on other machines) and assembled
+    (:func:`metalora.bank_index.assemble_blocks`) into exactly the whole matrix.
     """
     m = get_metric(metric)
     params = m.check_options(params)
     sigs = _checked(m, list(bank_signatures))
     if not sigs:
         raise ValueError("bank_signatures is empty")
-    return _matrix(m, sigs, None, params, check_threads(threads), progress)
+    if rows is not None:
+        a, b = (int(x) for x in rows)
+        if not 0 <= a < b <= len(sigs):
+            raise ValueError(f"rows={tuple(rows)} is not a row range [a, b) of a bank of "
+                             f"{len(sigs)} signatures (0 <= a < b <= {len(sigs)})")
+        rows = (a, b)
+    return _matrix(m, sigs, None, params, check_threads(threads), progress, rows)
 
 
 def distance_matrix(rows: Sequence[Any], cols: Optional[Sequence[Any]] = None, *, metric: str,

@@ -86,19 +86,23 @@ def mean_cosine(X: Any, Y: Any) -> float:
 
 
 def _gaussian_bank(rows: list, cols: Optional[list], options: dict, threads: int,
-                   progress: Optional[bool]) -> np.ndarray:
+                   progress: Optional[bool], row_range: Optional[tuple] = None) -> np.ndarray:
     """The bank path of ``gaussian_w2``: each signature's statistics computed once; the pairs
     call LAPACK from several threads, so one BLAS thread each."""
     row_stats = [_gaussian_stats(s, options["ddof"]) for s in rows]
     col_stats = None if cols is None else [_gaussian_stats(s, options["ddof"]) for s in cols]
     with one_blas_thread():
         return pair_block(_gaussian_w2_stats, row_stats, col_stats, symmetric=True,
-                          threads=threads, progress=progress, desc="gaussian_w2")
+                          threads=threads, progress=progress, desc="gaussian_w2",
+                          row_range=row_range)
 
 
 def _mean_cosine_bank(rows: list, cols: Optional[list], options: dict, threads: int,
-                      progress: Optional[bool]) -> np.ndarray:
-    """The bank path of ``mean_cosine``: one product of the matrices of means."""
+                      progress: Optional[bool], row_range: Optional[tuple] = None) -> np.ndarray:
+    """The bank path of ``mean_cosine``: one product of the matrices of means (a row block is
+    sliced from the whole product, which is cheap, so that its bits are the whole matrix's)."""
+    if row_range is not None:
+        return _mean_cosine_bank(rows, cols, options, threads, progress)[slice(*row_range)]
     mr = np.stack([r.mean(axis=0, dtype=np.float64) for r in rows])
     mc = np.stack([c.mean(axis=0, dtype=np.float64) for c in (rows if cols is None else cols)])
     nr, nc = np.linalg.norm(mr, axis=1), np.linalg.norm(mc, axis=1)

@@ -213,7 +213,7 @@ def entropic_ot(X: Any, Y: Any, *, eps: float = 0.05, **kwargs):
 
 
 def _sinkhorn_bank(rows: list, cols: Optional[list], options: dict, threads: int,
-                   progress: Optional[bool]) -> np.ndarray:
+                   progress: Optional[bool], row_range: Optional[tuple] = None) -> np.ndarray:
     """The bank path of ``sinkhorn``. For the debiased divergence
     S(x, y) = OT(x, y) - OT(x, x)/2 - OT(y, y)/2, each self term OT(x, x) is solved once per
     signature rather than once per pair: one query against K bank datasets costs K + 1 self
@@ -226,7 +226,7 @@ def _sinkhorn_bank(rows: list, cols: Optional[list], options: dict, threads: int
                                       **plain)
         return v, info["converged"], info["marginal_error"]
 
-    block = Block.of(rows, cols, symmetric=True)
+    block = Block.of(rows, cols, symmetric=True, row_range=row_range)
     if not options["debias"]:
         solved = evaluate(block.pairs, block.sigs, solve, threads, progress, "sinkhorn")
         values = [v for v, _, _ in solved]

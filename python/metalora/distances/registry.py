@@ -27,9 +27,11 @@ __all__ = ["Metric", "MetricKind", "METRICS", "POINT_CLOUD", "TOKEN_IDS", "TOKEN
 
 #: ``f(x, y, threads) -> float``: one pair with the metric's options bound.
 PairFunction = Callable[[Any, Any, int], float]
-#: ``bank(rows, cols, options, threads, progress) -> ndarray [len(rows), len(cols)]`` (``cols``
-#: None: the rows against themselves); inputs already checked by the metric's kind.
-BankFunction = Callable[[list, Optional[list], Dict[str, Any], int, Optional[bool]], np.ndarray]
+#: ``bank(rows, cols, options, threads, progress, row_range=None) -> ndarray [len(rows),
+#: len(cols)]`` (``cols`` None: the rows against themselves; ``row_range`` ``(a, b)``: only
+#: those rows of that matrix, bit-identical to them, NaN where the whole matrix would mirror a
+#: pair computed in another row); inputs already checked by the metric's kind.
+BankFunction = Callable[..., np.ndarray]
 
 
 @dataclass(frozen=True)
@@ -96,7 +98,7 @@ class Metric:
         Options that :func:`metalora.generate` always passes, with their defaults, so that the
         adapter's provenance records them (e.g. Sinkhorn's ``eps``).
     bank : callable, optional
-        ``bank(rows, cols, options, threads, progress)`` returns the matrix ``[len(rows),
+        ``bank(rows, cols, options, threads, progress, row_range=None)`` returns the matrix ``[len(rows),
         len(cols)]`` (``cols`` None: ``rows`` against themselves) in place of one ``pair`` call per
         pair: for statistics computed once per signature, self terms shared between pairs or
         vectorised formulas. It must agree with ``pair``.

@@ -1,0 +1,448 @@
+r"""The bank index: what is computed once per bank and stored beside it.
+
+``metalora bank index`` and :func:`metalora.generate` share it. For a bank it holds
+
+* the signatures of the bank's datasets (in the content-addressed signature cache,
+  :mod:`metalora.signatures`),
+* per metric and options, the bank-vs-bank distance matrix :math:`D` (used by ``tau="auto"``, the
+  neural operator and ``metalora plot``), computed in independent row blocks
+  (:func:`distance_block`) so that the blocks can run anywhere and be assembled,
+* the parameter Gram matrix :math:`G_{ij} = \langle\theta_i, \theta_j\rangle`,
+* the chosen temperature of ``tau="auto"`` per metric, operator and ``top_k``,
+* the neural operator, with the metric and options it was trained on.
+
+Every entry records content hashes of what it was computed from: the signatures (a sha256 of
+their arrays) for :math:`D`, the adapters' weight files (sha256, with a size/mtime shortcut) for
+:math:`G`, both for ``tau`` and the neural operator. On load the hashes are checked: a stale
+:math:`D`, :math:`G` or ``tau`` is recomputed (logged to the ``metalora`` logger with the reason);
+a stale or mismatched neural operator is refused with the command that retrains it, since
+training is an explicit step (it needs torch).
+
+The index lives in ``<bank directory>/metalora-index/`` when that can be written, else in the
+user's cache (``$METALORA_CACHE_DIR/index/<hash of the bank's path>/``); both are read. Files are
+written atomically. A bank held only in memory (:meth:`Bank.from_adapters`) is indexed in memory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from ._io import atomic_write, positive_int
+from ._progress import Progress
+from .bank import Bank
+
+__all__ = ["BankIndex", "bank_signatures", "parameter_gram", "distance_block", "row_blocks",
+           "signature_digest", "INDEX_DIR", "BankIndexError"]
+
+_log = logging.getLogger("metalora")
+
+INDEX_DIR = "metalora-index"
+_FORMAT = 1
+_BLOCK_PAIRS = 4096  # pairs per row block of D when none is given (a few seconds of work)
+
+
+class BankIndexError(ValueError):
+    """The bank index cannot serve a request (e.g. a neural operator trained for another
+    metric); the message says what to run."""
+
+
+# ------------------------------------------------------------------------------------------------
+# content hashes
+
+
+def signature_digest(sig: Any) -> str:
+    """sha256 of a signature's content: a point cloud's dtype, shape and bytes, or a token
+    signature's ids, offsets and vocabulary size."""
+    h = hashlib.sha256()
+    if isinstance(sig, np.ndarray):
+        a = np.ascontiguousarray(sig)
+        h.update(f"cloud {a.dtype.str} {a.shape}".encode())
+        h.update(memoryview(a).cast("B"))
+    else:
+        ids = np.ascontiguousarray(sig.ids)
+        offsets = np.ascontiguousarray(sig.offsets)
+        h.update(f"tokens {ids.dtype.str} {ids.shape} {offsets.dtype.str} {offsets.shape} "
+                 f"{int(sig.vocab_size)}".encode())
+        h.update(memoryview(ids).cast("B"))
+        h.update(memoryview(offsets).cast("B"))
+    return h.hexdigest()
+
+
+def _digest_of(parts: Any) -> str:
+    blob = json.dumps(parts, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            chunk = f.read(1 << 22)
+            if not chunk:
+                return h.hexdigest()
+            h.update(chunk)
+
+
+# ------------------------------------------------------------------------------------------------
+# stateless computations (each also usable alone, e.g. by a distributed executor)
+
+
+def bank_signatures(bank: Bank, *, kind: str = "embedding", embedder=None, tokenizer=None,
+                    cache: Any = True, n: Optional[int] = None, seed: int = 0,
+                    progress: bool = True) -> list:
+    """Signatures of every bank adapter's dataset (from the signature cache when computed).
+
+    Raises a ValueError naming the adapters whose manifest entry has no ``dataset``.
+    """
+    from .signatures import signature
+
+    missing = [k for k in bank.ids if bank.dataset_path(k) is None]
+    if missing:
+        raise ValueError(f"bank adapters {missing[:5]} have no dataset: add a \"dataset\" path to "
+                         f"their line of the bank's bank.jsonl manifest")
+    if kind == "embedding" and embedder is None:
+        from .embed import Embedder
+
+        embedder = Embedder(progress=False)  # one bar for the whole bank below
+    with Progress(len(bank), "metalora bank signatures", "dataset",
+                  None if progress else False) as bar:
+        sigs = []
+        for k in bank.ids:
+            sigs.append(signature(bank.dataset_path(k), kind=kind, embedder=embedder,
+                                  tokenizer=tokenizer, cache=cache, n=n, seed=seed))
+            bar.update()
+    return sigs
+
+
+def parameter_gram(bank: Bank) -> np.ndarray:
+    r"""``G[i, j] = <theta_i, theta_j>`` with :math:`\theta` all lora_A and lora_B entries.
+
+    The leave-one-out error of an operator (:func:`metalora.coefficients.loo_errors`) needs only
+    this matrix. Computed module by module in float64 from the memory-mapped factors.
+    """
+    from ._arrays import BFLOAT16
+
+    K = len(bank)
+    G = np.zeros((K, K))
+    for m in bank.modules:
+        for which in (0, 1):
+            rows = []
+            for k in bank.ids:
+                x = bank[k].factors(m)[which]
+                if x.dtype == np.uint16:
+                    x = x.view(BFLOAT16)
+                rows.append(np.asarray(x, dtype=np.float32).reshape(-1))
+            X = np.stack(rows).astype(np.float64)
+            G += X @ X.T
+    return G
+
+
+def row_blocks(K: int, symmetric: bool, pairs_per_block: int = _BLOCK_PAIRS) -> List[Tuple[int, int]]:
+    """Split the rows of a ``K x K`` distance matrix into ``[start, stop)`` blocks of about
+    ``pairs_per_block`` pairs each (for a symmetric metric row i holds the K - i pairs j >= i)."""
+    positive_int(pairs_per_block, "pairs_per_block")
+    blocks, start, count = [], 0, 0
+    for i in range(K):
+        count += (K - i) if symmetric else K
+        if count >= pairs_per_block or i == K - 1:
+            blocks.append((start, i + 1))
+            start, count = i + 1, 0
+    return blocks
+
+
+def distance_block(sigs: Sequence[Any], metric: str, params: Optional[dict], rows: Tuple[int, int],
+                   *, threads: int = 0, progress: Optional[bool] = False) -> np.ndarray:
+    """Rows ``[start, stop)`` of the bank distance matrix: ``out[i - start, j] = d(sig_i, sig_j)``.
+
+    For a symmetric metric the pairs the whole matrix mirrors from earlier rows (``j < start``)
+    are NaN (:func:`assemble_blocks` fills them); every other entry is computed exactly as
+    :func:`metalora.pairwise_distances` computes it, so blocks assembled from anywhere give the
+    same matrix bit for bit.
+    """
+    from .distances import pairwise_distances
+
+    return pairwise_distances([_as_query(s, metric) for s in sigs], metric=metric,
+                              threads=threads, progress=progress, rows=rows,
+                              **_metric_params(metric, params))
+
+
+def assemble_blocks(K: int, blocks: Sequence[Tuple[Tuple[int, int], np.ndarray]],
+                    symmetric: bool) -> np.ndarray:
+    """The ``K x K`` matrix from the row blocks of :func:`distance_block` (any order): a NaN
+    entry of a symmetric metric is filled from its mirror."""
+    D = np.full((K, K), np.nan)
+    for (start, stop), part in blocks:
+        D[start:stop] = part
+    if symmetric:  # entries a block left to the row that computed the pair
+        D = np.where(np.isnan(D), D.T, D)
+    if np.isnan(D).any():
+        missing = sorted({int(i) for i in np.argwhere(np.isnan(D))[:, 0]})
+        raise ValueError(f"distance blocks do not cover rows {missing[:10]} of the {K} x {K} matrix")
+    return D
+
+
+def _metric(metric: str):
+    from .distances import get_metric
+
+    return get_metric(metric)
+
+
+def _metric_params(metric: str, params: Optional[dict]) -> dict:
+    return _metric(metric).generate_options(params)
+
+
+def _as_query(sig: Any, metric: str) -> Any:
+    return _metric(metric).kind.convert(sig)
+
+
+# ------------------------------------------------------------------------------------------------
+# the stored index
+
+
+class BankIndex:
+    """The stored index of one bank (see the module docstring).
+
+    Parameters
+    ----------
+    bank : Bank
+    directory : path, optional
+        Where to store it; default ``<bank>/metalora-index`` if writable, else the user cache.
+    """
+
+    def __init__(self, bank: Bank, directory: Optional[os.PathLike] = None):
+        self.bank = bank
+        self._memory: Dict[str, Tuple[dict, Dict[str, np.ndarray]]] = {}
+        if directory is not None:
+            self.directories = [Path(directory)]
+        elif bank.path is None:
+            self.directories = []
+        else:
+            root = Path(bank.path)
+            root = (root if root.is_dir() else root.parent).resolve()
+            from .signatures import default_cache_dir
+
+            fallback = default_cache_dir().parent / "index" / _digest_of(str(root))[:24]
+            self.directories = [root / INDEX_DIR, fallback]
+        self._adapter_hashes: Optional[Dict[str, str]] = None
+
+    def __repr__(self) -> str:
+        where = self.directories[0] if self.directories else "(in memory)"
+        return f"<metalora.BankIndex of {len(self.bank)} adapters at {where}>"
+
+    # -- storage ---------------------------------------------------------------------------
+    def _load(self, name: str) -> Optional[Tuple[dict, Dict[str, np.ndarray]]]:
+        if name in self._memory:
+            return self._memory[name]
+        for d in self.directories:
+            p = d / f"{name}.npz"
+            try:
+                with np.load(p, allow_pickle=False) as z:
+                    arrays = {k: z[k] for k in z.files}
+                meta = json.loads(bytes(arrays.pop("__meta__")).decode("utf-8"))
+            except FileNotFoundError:
+                continue
+            except (OSError, ValueError, KeyError, EOFError) as exc:
+                _log.warning("bank index: %s is unreadable (%s); recomputing it", p, exc)
+                continue
+            if meta.get("format") != _FORMAT:
+                continue
+            self._memory[name] = (meta, arrays)
+            return meta, arrays
+        return None
+
+    def _store(self, name: str, meta: dict, arrays: Dict[str, np.ndarray]) -> None:
+        meta = dict(meta, format=_FORMAT)
+        self._memory[name] = (meta, arrays)
+        payload = dict(arrays, __meta__=np.frombuffer(json.dumps(meta, sort_keys=True).encode(),
+                                                     np.uint8))
+        for d in self.directories:
+            try:
+                d.mkdir(parents=True, exist_ok=True)
+                atomic_write(d / f"{name}.npz", lambda f: np.savez(f, **payload))
+                return
+            except OSError as exc:  # read-only bank: try the next place
+                last = exc
+        if self.directories:
+            _log.warning("bank index: cannot store %s (%s); it stays in memory", name, last)
+
+    # -- what the entries are computed from ------------------------------------------------
+    def adapter_hashes(self) -> Dict[str, str]:
+        """sha256 of each adapter's weights file (in-memory adapters: of their factors), reusing
+        the recorded hash of a file whose size and mtime are unchanged."""
+        if self._adapter_hashes is not None:
+            return self._adapter_hashes
+        rec = self._load("adapters")
+        known = rec[0].get("files", {}) if rec else {}
+        files, hashes = {}, {}
+        for k in self.bank.ids:
+            a = self.bank[k]
+            path = a.weights_file
+            if path is None:
+                h = hashlib.sha256()
+                for m in a.names:
+                    for x in a.factors(m):
+                        h.update(np.ascontiguousarray(x).view(np.uint8).data)
+                hashes[k] = h.hexdigest()
+                continue
+            st = os.stat(path)
+            stamp = [st.st_size, st.st_mtime_ns, st.st_ino]
+            old = known.get(str(path))
+            digest = old["sha256"] if old and old["stamp"] == stamp else _file_sha256(path)
+            files[str(path)] = {"stamp": stamp, "sha256": digest}
+            hashes[k] = digest
+        if files and files != known:
+            self._store("adapters", {"files": files}, {})
+        self._adapter_hashes = hashes
+        return hashes
+
+    def _inputs(self, sigs: Optional[Sequence[Any]]) -> dict:
+        out = {"ids": list(self.bank.ids)}
+        if sigs is not None:
+            if len(sigs) != len(self.bank):
+                raise ValueError(f"{len(sigs)} signatures for a bank of {len(self.bank)} adapters")
+            out["signatures"] = [signature_digest(s) for s in sigs]
+        return out
+
+    def _changed(self, old: dict, new: dict, what: str) -> str:
+        """Why a stored entry no longer matches (which adapters, which inputs)."""
+        if old.get("ids") != new.get("ids"):
+            gone = sorted(set(old.get("ids", [])) - set(new["ids"]))
+            added = sorted(set(new["ids"]) - set(old.get("ids", [])))
+            return f"the bank's adapters changed (added {added[:5]}, removed {gone[:5]})"
+        for key in (what,) if what else ():
+            changed = [k for k, a, b in zip(new["ids"], old.get(key, []), new.get(key, [])) if a != b]
+            if changed:
+                return f"{len(changed)} adapter(s) changed their {key[:-1]} ({changed[:5]})"
+        return "its inputs changed"
+
+    # -- D ----------------------------------------------------------------------------------
+    @staticmethod
+    def _d_name(metric: str, params: dict) -> str:
+        return f"D-{metric}-{_digest_of(params)[:16]}"
+
+    def distance_matrix(self, sigs: Sequence[Any], metric: str, params: Optional[dict] = None, *,
+                        threads: int = 0, progress: Optional[bool] = None,
+                        compute_blocks: Optional[Callable] = None) -> np.ndarray:
+        """The bank distance matrix for ``metric`` (stored; recomputed when the signatures
+        changed). ``compute_blocks(sigs, metric, params, blocks) -> [array]`` computes the row
+        blocks elsewhere (default: here, in order)."""
+        spec = _metric(metric)
+        params = _metric_params(metric, params)
+        name = self._d_name(metric, params)
+        inputs = self._inputs(sigs)
+        rec = self._load(name)
+        if rec is not None:
+            meta, arrays = rec
+            if meta.get("inputs") == inputs:
+                return arrays["D"]
+            _log.info("bank index: recomputing D for %s: %s", metric,
+                      self._changed(meta.get("inputs", {}), inputs, "signatures"))
+        K = len(sigs)
+        blocks = row_blocks(K, spec.symmetric)
+        if compute_blocks is None:
+            with Progress(len(blocks), f"metalora bank distances ({metric})", "block",
+                          (K >= 40) if progress is None else progress) as bar:
+                parts = []
+                for b in blocks:
+                    parts.append(distance_block(sigs, metric, params, b, threads=threads))
+                    bar.update()
+        else:
+            parts = list(compute_blocks(sigs, metric, params, blocks))
+        D = assemble_blocks(K, list(zip(blocks, parts)), spec.symmetric)
+        self._store(name, {"metric": metric, "params": params, "inputs": inputs}, {"D": D})
+        return D
+
+    # -- G ----------------------------------------------------------------------------------
+    def gram(self) -> np.ndarray:
+        """The parameter Gram matrix (stored; recomputed when an adapter's weights changed)."""
+        inputs = dict(self._inputs(None), adapters=[self.adapter_hashes()[k] for k in self.bank.ids])
+        rec = self._load("G")
+        if rec is not None:
+            meta, arrays = rec
+            if meta.get("inputs") == inputs:
+                return arrays["G"]
+            _log.info("bank index: recomputing G: %s",
+                      self._changed(meta.get("inputs", {}), inputs, "adapters"))
+        G = parameter_gram(self.bank)
+        self._store("G", {"inputs": inputs}, {"G": G})
+        return G
+
+    def _fit_key(self, sigs, metric: str, params: dict) -> dict:
+        return {"metric": metric, "params": params, "D": _digest_of(self._inputs(sigs)),
+                "G": _digest_of([self.adapter_hashes()[k] for k in self.bank.ids])}
+
+    # -- tau --------------------------------------------------------------------------------
+    def temperature(self, sigs: Sequence[Any], metric: str, params: Optional[dict] = None, *,
+                    operator: str = "normalized", top_k: Optional[int] = None, model=None,
+                    threads: int = 0) -> float:
+        """``tau="auto"``: leave-one-out choice on the bank (stored per metric, operator,
+        top_k and neural operator)."""
+        from .coefficients import select_temperature
+
+        if len(self.bank) < 3:
+            raise ValueError("tau='auto' needs a bank of at least 3 adapters (leave-one-out)")
+        params = _metric_params(metric, params)
+        key = dict(self._fit_key(sigs, metric, params), operator=operator, top_k=top_k,
+                   model=None if model is None else hashlib.sha256(model.onnx_bytes).hexdigest())
+        name = f"tau-{_digest_of(key)[:24]}"
+        rec = self._load(name)
+        if rec is not None and rec[0].get("key") == key:
+            return float(rec[0]["tau"])
+        D = self.distance_matrix(sigs, metric, params, threads=threads)
+        tau = float(select_temperature(D, self.gram(), operator=operator, top_k=top_k, model=model))
+        self._store(name, {"key": key, "tau": tau}, {})
+        return tau
+
+    # -- the neural operator ----------------------------------------------------------------
+    def train_neural(self, sigs: Sequence[Any], metric: str, params: Optional[dict] = None, *,
+                     epochs: int = 400, threads: int = 0):
+        """Train the neural operator on this bank for ``metric`` and store it."""
+        from .coefficients import NeuralOperator
+
+        params = _metric_params(metric, params)
+        D = self.distance_matrix(sigs, metric, params, threads=threads)
+        op = NeuralOperator.fit(D, self.gram(), epochs=epochs)
+        op.meta.update(self._fit_key(sigs, metric, params))
+        self._store(f"neural-{metric}", {"meta": op.meta},
+                    {"onnx": np.frombuffer(op.onnx_bytes, np.uint8)})
+        return op
+
+    def neural_operator(self, sigs: Optional[Sequence[Any]], metric: str,
+                        params: Optional[dict] = None):
+        """The stored neural operator for ``metric``, refused when it was trained on another
+        metric, other options or another state of the bank (``sigs=None``: check the metric and
+        options only, e.g. before the signatures are computed)."""
+        from .coefficients import NeuralOperator
+
+        params = _metric_params(metric, params)
+        where = self.bank.path or "BANK"
+        retrain = f"run `metalora bank index {where} --neural --distance {metric}`"
+        rec = self._load(f"neural-{metric}")
+        if rec is None:
+            others = sorted({n[len("neural-"):] for d in self.directories if d.is_dir()
+                             for n in (p.stem for p in d.glob("neural-*.npz"))})
+            if others:
+                raise BankIndexError(f"the bank's neural operator was trained on {', '.join(others)}, "
+                                  f"not {metric}: {retrain}")
+            raise BankIndexError(f"operator='neural' needs a neural operator trained on the bank: "
+                              f"{retrain} first")
+        meta = rec[0]["meta"]
+        if meta.get("params") != params:
+            raise BankIndexError(f"the bank's neural operator for {metric} was trained with "
+                                 f"options {meta.get('params')}, not {params}: {retrain}")
+        if sigs is None:
+            return NeuralOperator(rec[1]["onnx"].tobytes(), meta)
+        key = self._fit_key(sigs, metric, params)
+        for what, label in (("D", "the bank's datasets or their signatures"),
+                            ("G", "the bank's adapters")):
+            if meta.get(what) != key[what]:
+                raise BankIndexError(f"the bank's neural operator for {metric} is stale: {label} "
+                                  f"changed since it was trained; {retrain}")
+        return NeuralOperator(rec[1]["onnx"].tobytes(), meta)
