@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import warnings
 import zipfile
 from pathlib import Path
@@ -25,6 +24,7 @@ from typing import Any, Dict, Optional, Sequence, Union
 
 import numpy as np
 
+from ._io import atomic_write
 from .datasets import Dataset, load_dataset
 from .tokens import TokenSignature, load_tokenizer, token_signature
 
@@ -118,19 +118,7 @@ class SignatureCache:
         payload["__key__"] = np.frombuffer(key.encode("ascii"), np.uint8)
         payload["__meta__"] = np.frombuffer(
             json.dumps(meta or {}, sort_keys=True, default=str).encode("utf-8"), np.uint8)
-        fd, tmp = tempfile.mkstemp(prefix=f".{key[:16]}.", suffix=".tmp", dir=self.directory)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, **payload)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, p)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
-            raise
+        atomic_write(p, lambda f: np.savez(f, **payload))
         return p
 
     def meta(self, key: str) -> Dict[str, Any]:

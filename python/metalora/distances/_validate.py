@@ -11,6 +11,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from .._io import check_threads, positive_int  # noqa: F401  (check_threads: re-exported)
+
 
 def as_cloud(x: Any, what: str) -> np.ndarray:
     """A point cloud ``[n, d]``: float32/float64 kept, other real dtypes to float64, C-contiguous,
@@ -103,18 +105,9 @@ def as_bandwidths(values: Any, default: Sequence[float], what: str) -> np.ndarra
     return v
 
 
-def check_threads(threads: Any) -> int:
-    """``threads`` as an int >= 0 (0 = all cores)."""
-    if isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or threads < 0:
-        raise ValueError(f"threads must be a non-negative integer (0 = all cores), got {threads!r}")
-    return int(threads)
-
-
 def check_positive_int(x: Any, what: str) -> int:
     """``x`` as an int >= 1 (bools refused)."""
-    if isinstance(x, bool) or not isinstance(x, (int, np.integer)) or x < 1:
-        raise ValueError(f"{what} must be a positive integer, got {x!r}")
-    return int(x)
+    return positive_int(x, what)
 
 
 def check_positive(x: Any, what: str) -> float:
