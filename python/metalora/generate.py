@@ -43,6 +43,8 @@ class Generation:
     tau: float
     timings: Dict[str, float] = field(default_factory=dict)
     demonstration: bool = False
+    #: the search of ``refine=`` (:class:`metalora.refine.RefineResult`), else None
+    refine: Any = None
 
     def top(self, k: int = 8) -> List[tuple]:
         """The k largest coefficients as ``(id, coefficient, distance)``."""
@@ -66,7 +68,8 @@ def generate(dataset: Union[str, Path, Dataset], bank: Union[str, Path, Bank], *
              top_k: Optional[int] = 16, out: Union[str, Path, None] = None,
              format: str = "peft", overwrite: bool = False, embedder=None, tokenizer=None, cache: Any = True,
              n: Optional[int] = None, seed: int = 0, threads: int = 0,
-             distance_params: Optional[dict] = None, progress: bool = False) -> Adapter:
+             distance_params: Optional[dict] = None, refine: Any = None,
+             progress: bool = False) -> Adapter:
     r"""Make a LoRA adapter for ``dataset`` from ``bank``, without gradient training.
 
     Parameters
@@ -99,6 +102,11 @@ def generate(dataset: Union[str, Path, Dataset], bank: Union[str, Path, Bank], *
     embedder, cache, n, seed, threads, distance_params
         Signature and distance options: a custom :class:`metalora.Embedder`, the signature
         cache, subsampling to ``n`` examples, OpenMP threads, extra metric options.
+    refine : RefineOptions, mapping or model path, optional
+        Weigh the bank's adapters on the dataset's own examples with forward passes of the base
+        model (:mod:`metalora.refine`; needs ``pip install 'metalora[refine]'``): a seeded part
+        of the dataset is held out for scoring and the rest is used for the distances; the
+        written adapter is the best combination found, in ``mode``.
 
     Returns
     -------
@@ -128,6 +136,24 @@ def generate(dataset: Union[str, Path, Dataset], bank: Union[str, Path, Bank], *
     index = BankIndex(bank)
     if operator == "neural":  # refuse a missing or mismatched operator before the slow part
         index.neural_operator(None, distance, params)
+    held_out, scorer_model = None, None
+    if refine is not None:  # the model is checked against the bank before any embedding
+        from . import refine as refinement
+
+        options = refinement.RefineOptions.of(refine)
+        if options.model is None:
+            raise ValueError("refinement needs the base model: refine={'model': PATH} (a "
+                             "transformers folder or a .gguf file)")
+        refinement.require_extra()
+        if any(o is None for o in dataset.outputs):
+            raise ValueError("refinement scores the dataset's outputs, but it has none")
+        kept, held = refinement.holdout_split(len(dataset), options.examples, options.seed)
+        held_out = [(dataset.inputs[i], dataset.outputs[i]) for i in held]
+        dataset = dataset.select(kept)
+        from .refine.scorer import check_model_matches_bank, load_model
+
+        scorer_model = load_model(options.model, dtype=options.dtype)
+        check_model_matches_bank(scorer_model[0], bank)
     timings["load"] = time.perf_counter() - t
 
     from .signatures import signature
@@ -153,6 +179,19 @@ def generate(dataset: Union[str, Path, Dataset], bank: Union[str, Path, Bank], *
     w = coefficients(d, operator=operator, tau=tau_value, top_k=top_k, model=model)
     timings["operator"] = time.perf_counter() - t
 
+    refined = None
+    if held_out is not None:
+        t = time.perf_counter()
+        from .refine.scorer import TorchScorer
+
+        candidates = [int(i) for i in np.argsort(-w, kind="stable") if w[i] > 0]
+        scorer = TorchScorer(*scorer_model, bank, candidates, held_out, template=options.template,
+                             max_tokens=options.max_tokens, threads=options.threads)
+        refined = refinement.search(scorer, w[candidates], options)
+        w_prior, w = w, np.zeros_like(w)
+        w[candidates] = refined.coefficients
+        timings["refine"] = time.perf_counter() - t
+
     t = time.perf_counter()
     gen = Generation(ids=list(bank.ids), distances=d, coefficients=w, distance=distance,
                      operator=operator, tau=tau_value, timings=timings,
@@ -164,8 +203,30 @@ def generate(dataset: Union[str, Path, Dataset], bank: Union[str, Path, Bank], *
             "distances": {k: float(v) for k, v in zip(bank.ids, d)}, "timings_s": timings}
     if gen.demonstration:
         prov["demonstration_bank"] = True
+    base_best = refined is not None and not np.any(w)
+    if base_best:  # nothing in the bank beat the base model: an adapter that changes nothing
+        w = w_prior
     adapter = combine_adapters(bank, w, mode=mode, rank=rank, threads=threads, provenance=prov)
+    if base_best:
+        for m in adapter.names:
+            adapter.factors(m)[1][...] = 0.0
     timings["combine"] = time.perf_counter() - t
+    if refined is not None:
+        gen.refine = refined
+        written = scorer.nll_adapter(adapter)
+        adapter.provenance["refine"] = {
+            "model": str(options.model), "budget": options.budget, "examples": options.examples,
+            "seed": options.seed, "l1": options.l1, "evaluations": refined.evaluations,
+            "start_objective": refined.start_objective, "objective": refined.objective,
+            "base_objective": refined.base_objective if np.isfinite(refined.base_objective)
+            else None, "written_nll": written, "base_model_best": bool(base_best),
+            "seconds": refined.seconds, "tried": refined.tried}
+        if base_best:
+            import warnings
+
+            warnings.warn("refinement: the base model alone scored best on the held-out examples "
+                          "(no combination of the bank helped); the adapter written changes "
+                          "nothing", RuntimeWarning, stacklevel=2)
 
     if out is not None:
         t = time.perf_counter()
