@@ -23,6 +23,7 @@ POT and SciPy are not needed at run time; the tests compare against them.
 from __future__ import annotations
 
 import contextlib
+import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Sequence
@@ -697,15 +698,17 @@ def _pair_function(metric: str, params: dict) -> Callable:
             raise ValueError("log and return_plan are not available through distances(); call "
                              "sinkhorn_divergence for one pair")
         unconverged = []
+        lock = threading.Lock()  # _evaluate calls sink from several threads at once
 
         params = dict(params, debias=False)  # the bank paths debias with cached self terms
 
         def sink(x: Any, y: Any, threads: int) -> float:
             v, info = sinkhorn_divergence(x, y, threads=threads, log=True, _warn=False,
                                           _log_plan=False, **params)
-            sink.solved += 1  # type: ignore[attr-defined]
-            if not info["converged"]:
-                unconverged.append(info["marginal_error"])
+            with lock:
+                sink.solved += 1  # type: ignore[attr-defined]
+                if not info["converged"]:
+                    unconverged.append(info["marginal_error"])
             return v
 
         sink.unconverged = unconverged  # type: ignore[attr-defined]
