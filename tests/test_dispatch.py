@@ -78,7 +78,8 @@ def test_level_switched_from_another_thread_never_mixes_levels_inside_a_solve():
 
     def solve():  # tol below reach: 300 iterations at the target eps, ~1500 soft-min passes
         r = _core.dist_sinkhorn(X, Y, a, b, 0.05, 0.5, 1e-12, 300, True, 0, 2)
-        return tuple(np.asarray(r[k]).tobytes() for k in ("ot_xy", "ot_xx", "ot_yy", "f", "g", "p", "q"))
+        keys = ("ot_xy", "ot_xx", "ot_yy", "f", "g", "p", "q")
+        return tuple(np.asarray(r[k]).tobytes() for k in keys)
 
     before = caps["active"]
     try:

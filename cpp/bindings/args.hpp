@@ -18,8 +18,10 @@
 
 #include <algorithm>
 #include <cstddef>
+#include <cstdint>
 #include <initializer_list>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace metalora::bind {
@@ -68,15 +70,17 @@ inline void check_layout(const py::array& a, std::initializer_list<py::ssize_t> 
     throw py::value_error(what + ": expected a " + std::to_string(nd) + "-D array, got shape " +
                           shape_str(a));
   py::ssize_t k = 0;
+  bool match = true;
   for (py::ssize_t want : shape) {
-    if (want >= 0 && a.shape(k) != want) {
-      std::string s = "(";
-      k = 0;
-      for (py::ssize_t w : shape) s += (k++ ? ", " : "") + (w >= 0 ? std::to_string(w) : "any");
-      throw py::value_error(what + ": expected shape " + s + (nd == 1 ? ",)" : ")") + ", got " +
-                            shape_str(a));
-    }
+    if (want >= 0 && a.shape(k) != want) match = false;
     ++k;
+  }
+  if (!match) {
+    std::string s;
+    for (py::ssize_t want : shape)
+      s += (s.empty() ? "(" : ", ") + (want >= 0 ? std::to_string(want) : std::string("any"));
+    throw py::value_error(what + ": expected shape " + s + (nd == 1 ? ",)" : ")") + ", got " +
+                          shape_str(a));
   }
   if (!(a.flags() & py::array::c_style))
     throw py::value_error(what + ": array is not C-contiguous (a transposed or sliced view?); "
@@ -126,7 +130,10 @@ inline int enum_arg(int value, std::initializer_list<const char*> names, const s
   if (value < 0 || value >= static_cast<int>(names.size())) {
     std::string s;
     int k = 0;
-    for (const char* n : names) s += (k ? ", " : "") + std::to_string(k) + " " + n, ++k;
+    for (const char* n : names) {
+      s += (k ? ", " : "") + std::to_string(k) + " " + n;
+      ++k;
+    }
     throw py::value_error(what + ": unknown value " + std::to_string(value) + "; use one of " + s);
   }
   return value;
@@ -152,15 +159,14 @@ class Regions {
     for (const Span& s : spans_) {
       if (s.out) continue;
       auto it = std::upper_bound(out.begin(), out.end(), s.b,
-                                 [](const char* b, const Span* o) { return b < o->e; });
+                                 [](std::uintptr_t b, const Span* o) { return b < o->e; });
       if (it != out.end() && (*it)->b < s.e) fail(**it, s);
     }
   }
 
  private:
   struct Span {
-    const char* b;
-    const char* e;
+    std::uintptr_t b, e;  // [b, e): addresses as integers, comparable across arrays
     std::string what;
     bool out;
   };
@@ -168,8 +174,8 @@ class Regions {
 
   void add(const py::array& a, std::string what, bool out) {
     if (a.nbytes() == 0) return;
-    const char* b = static_cast<const char*>(a.data());
-    spans_.push_back({b, b + a.nbytes(), std::move(what), out});
+    const auto b = reinterpret_cast<std::uintptr_t>(a.data());
+    spans_.push_back({b, b + static_cast<std::uintptr_t>(a.nbytes()), std::move(what), out});
   }
   [[noreturn]] static void fail(const Span& o, const Span& s) {
     throw py::value_error(o.what + " and " + s.what + " share memory; give every output its own "

@@ -6,6 +6,9 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
+#include <cstdint>
+#include <iterator>
 #include <string>
 #include <vector>
 
@@ -50,32 +53,26 @@ const Op& find_op(const std::string& name) {
   throw py::value_error("op: unknown operation '" + name + "'; use one of " + names);
 }
 
-std::string join(const Op& op) {
-  std::string s;
-  for (const char* k : kCommonKeys) s += std::string(s.empty() ? "" : ", ") + k;
-  for (const char* k : op.keys) s += std::string(", ") + k;
-  return s;
-}
-
 // The spec's keys must be exactly the common ones plus the op's: a missing key is an error, and
 // so is an unknown one (a misspelt output would otherwise be silently ignored).
 void check_keys(const Op& op, const py::dict& spec, const std::string& where) {
-  auto known = [&](const std::string& k) {
-    for (const char* c : kCommonKeys)
-      if (k == c) return true;
-    for (const char* c : op.keys)
-      if (k == c) return true;
-    return false;
+  std::vector<const char*> keys(std::begin(kCommonKeys), std::end(kCommonKeys));
+  keys.insert(keys.end(), op.keys.begin(), op.keys.end());
+  auto fail = [&](const std::string& what) {
+    std::string list;
+    for (const char* k : keys) list += std::string(list.empty() ? "" : ", ") + k;
+    throw py::value_error(where + ": " + what + " (op '" + op.name + "' takes " + list + ")");
   };
+  for (const char* k : keys)
+    if (!spec.contains(k)) fail("missing key '" + std::string(k) + "'");
+  if (spec.size() == keys.size()) return;
   for (auto item : spec) {
-    if (!py::isinstance<py::str>(item.first) || !known(item.first.cast<std::string>()))
-      throw py::value_error(where + ": unknown key " + std::string(py::repr(item.first)) +
-                            " for op '" + op.name + "' (its keys: " + join(op) + ")");
+    const bool known = py::isinstance<py::str>(item.first) &&
+                       std::any_of(keys.begin(), keys.end(), [&](const char* k) {
+                         return item.first.cast<std::string>() == k;
+                       });
+    if (!known) fail("unknown key " + std::string(py::repr(item.first)));
   }
-  for (const char* c : kCommonKeys)
-    if (!spec.contains(c)) throw py::value_error(where + ": missing key '" + c + "' (op '" + op.name + "' needs " + join(op) + ")");
-  for (const char* c : op.keys)
-    if (!spec.contains(c)) throw py::value_error(where + ": missing key '" + c + "' (op '" + op.name + "' needs " + join(op) + ")");
 }
 
 // The items of a list or tuple (not any iterable: a generator would be consumed).
@@ -172,8 +169,9 @@ Job make_job(const Op& op, py::handle spec_obj, Call& call, std::size_t index) {
   if (opname == "linear") {
     for (std::size_t a = 1; a < K; ++a)
       if (j.r[a] != j.r[0])
-        throw py::value_error(where + ": linear needs equal ranks, got " + std::to_string(j.r[0]) +
-                              " (A[0]) and " + std::to_string(j.r[a]) + " (A[" + std::to_string(a) + "])");
+        throw py::value_error(where + ": linear needs equal ranks, got " +
+                              std::to_string(j.r[0]) + " (A[0]) and " + std::to_string(j.r[a]) +
+                              " (A[" + std::to_string(a) + "])");
     const auto r = static_cast<py::ssize_t>(j.r[0]);
     j.wa = numbers<float>(spec["wa"], K, where + ": wa");
     j.A_out = call.output<float>(spec["A_out"], {r, in}, where + ": A_out");

@@ -61,7 +61,8 @@ Pair pair(py::handle Xo, py::handle Yo) {
 template <class T>
 const T* ptr(const py::array& a) { return static_cast<const T*>(a.data()); }
 
-// A contiguous float64 vector of length n, or nullptr for None when the weights are optional.
+// A contiguous float64 vector of length n, or nullptr for None when the weights are optional. w
+// is one of the call's arguments, so the pointer stays valid until the call returns.
 const double* weights(py::handle w, std::size_t n, const std::string& what, bool optional) {
   if (w.is_none()) {
     if (optional) return nullptr;
@@ -71,10 +72,9 @@ const double* weights(py::handle w, std::size_t n, const std::string& what, bool
   return ptr<double>(mb::typed<double>(w, {static_cast<py::ssize_t>(n)}, what));
 }
 
-double p_arg(double p) {
+void check_p(double p) {
   if (!(p >= 1.0 && std::isfinite(p)))
     throw py::value_error("p must be a finite number >= 1, got " + std::to_string(p));
-  return p;
 }
 
 void cost(py::handle Xo, py::handle Yo, int kind, py::handle out_o, int threads) {
@@ -168,7 +168,7 @@ py::array_t<double> sliced(py::handle Xo, py::handle Yo, py::handle a, py::handl
     throw py::type_error("P: dtype " + mb::dtype_str(P) + " differs from the points' " +
                          mb::dtype_str(c.X));
   mb::check_layout(P, {-1, static_cast<py::ssize_t>(c.d)}, "P");
-  p_arg(p);
+  check_p(p);
   mb::threads_arg(threads);
   const std::size_t L = P.shape(0);
   py::array_t<double> out(L);
@@ -191,7 +191,7 @@ double w1d(py::handle uo, py::handle vo, py::handle uw, py::handle vw, double p)
   const std::size_t n = u.shape(0), m = v.shape(0);
   const double* pu = weights(uw, n, "u_weights", true);
   const double* pv = weights(vw, m, "v_weights", true);
-  p_arg(p);
+  check_p(p);
   py::gil_scoped_release nogil;
   return md::wasserstein_1d(ptr<double>(u), n, pu, ptr<double>(v), m, pv, p);
 }

@@ -52,7 +52,8 @@ enum class Schedule { kDynamic, kStatic };
 // independently of the thread count. An exception thrown by a task stops the tasks not yet
 // started and is rethrown here, on one thread as on many.
 template <class F>
-void parallel_for(std::size_t ntasks, int threads, F&& body, Schedule schedule = Schedule::kDynamic) {
+void parallel_for(std::size_t ntasks, int threads, F&& body,
+                  Schedule schedule = Schedule::kDynamic) {
   const long n = static_cast<long>(ntasks);
 #if defined(_OPENMP)
   if (threads > 1 && n > 1) {
