@@ -151,7 +151,10 @@ def bad_combine_cases():
         ("cat", [spec("cat", A=[A, A])],
           ValueError, r"A and B must be non-empty lists of the same length, got 2 and 1"),
         ("cat", [spec("cat", A=[], B=[])], ValueError, r"non-empty"),
-        ("cat", [spec("cat", **{"in": -1})], ValueError, r"module 0: in: expected an integer >= 0"),
+        ("cat", [spec("cat", **{"in": -1})], ValueError, r"module 0: in: expected a size .*, got -1"),
+        # beyond numpy's extents: would wrap to a negative (= any) extent if not refused
+        ("cat", [spec("cat", **{"in": 2**64 - 1})], ValueError, r"in: expected a size"),
+        ("cat", [spec("cat", out=2**63)], ValueError, r"out: expected a size"),
         ("cat", [spec("cat", **{"in": 5.0})],
           TypeError, r"module 0: in: expected an integer, got float"),
         ("cat", [spec("cat", out=True)],

@@ -103,19 +103,20 @@ inline void check_writeable(const py::array& a, const std::string& what) {
     throw py::value_error(what + ": output array is read-only; pass a writeable array");
 }
 
-// A non-negative integer option (Python int or numpy integer; not bool, not float).
+// A size: a Python int or numpy integer (not bool, not float) in [0, PY_SSIZE_T_MAX], the range
+// of numpy's extents, so that it compares with them exactly.
 inline std::size_t size_arg(py::handle o, const std::string& what) {
   if (PyBool_Check(o.ptr()) || !PyIndex_Check(o.ptr()))
     throw py::type_error(what + ": expected an integer, got " + type_name(o));
   const py::object v = py::reinterpret_steal<py::object>(PyNumber_Index(o.ptr()));
   if (!v) throw py::error_already_set();
-  const std::size_t n = PyLong_AsSize_t(v.ptr());
-  if (n == static_cast<std::size_t>(-1) && PyErr_Occurred()) {
-    PyErr_Clear();
-    throw py::value_error(what + ": expected an integer >= 0 that fits in size_t, got " +
+  const Py_ssize_t n = PyLong_AsSsize_t(v.ptr());
+  if (n < 0) {
+    PyErr_Clear();  // set when out of range
+    throw py::value_error(what + ": expected a size (an integer in [0, 2^63)), got " +
                           std::string(py::str(v)));
   }
-  return n;
+  return static_cast<std::size_t>(n);
 }
 
 inline int threads_arg(int threads) {

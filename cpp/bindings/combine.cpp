@@ -112,11 +112,14 @@ struct Call {
   mb::Keep keep;
   mb::Regions regions;
 
+  void read(const py::array& a, const std::string& what) {
+    regions.input(a, what);
+    keep.push_back(a);
+  }
   template <class T>
   const T* input(py::handle o, std::initializer_list<py::ssize_t> shape, const std::string& what) {
     py::array a = mb::typed<T>(o, shape, what);
-    regions.input(a, what);
-    keep.push_back(a);
+    read(a, what);
     return static_cast<const T*>(a.data());
   }
   template <class T>
@@ -158,10 +161,8 @@ Job make_job(const Op& op, py::handle spec_obj, Call& call, std::size_t index) {
     j.A.push_back(Src{Aa.data(), da});
     j.B.push_back(Src{Ba.data(), db});
     j.r.push_back(static_cast<std::size_t>(r));
-    call.regions.input(Aa, wa);
-    call.regions.input(Ba, wb);
-    call.keep.push_back(Aa);
-    call.keep.push_back(Ba);
+    call.read(Aa, wa);
+    call.read(Ba, wb);
   }
   const std::size_t K = j.r.size();
   const auto R = static_cast<py::ssize_t>(j.rank_sum());
