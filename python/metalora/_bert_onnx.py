@@ -16,11 +16,11 @@ Graph (HF ``BertModel`` semantics, ``hidden_act="gelu"`` i.e. erf-GELU, absolute
       x     = LayerNorm(x + gelu(x Wi + bi) Wo2 + bo2)
     output: last_hidden_state [B, S, H]
 
-``fused=True`` writes each layer with ONNX Runtime's contrib kernels instead (``Attention``,
-``SkipLayerNormalization``, ``BiasGelu``): same maths, not faster here, kept as an option.
 Pooling and normalisation stay in :mod:`metalora.embed` so that user-supplied models that output
 ``last_hidden_state`` go through the same code. The graph uses opset 17 standard operators only;
-ONNX Runtime's own graph optimiser fuses LayerNorm/GELU/attention patterns at load time.
+ONNX Runtime's own graph optimiser fuses LayerNorm/GELU/attention patterns at load time. (A variant
+written with ONNX Runtime's contrib kernels, ``Attention``, ``SkipLayerNormalization`` and
+``BiasGelu``, gave the same numbers and was no faster: see ``bench/results_embed.md``.)
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict
 
 import numpy as np
 
@@ -41,24 +41,13 @@ def _load_weights(path: Path) -> Dict[str, np.ndarray]:
     return load_file(str(path))
 
 
-def build_bert_onnx(model_dir, *, prefix: str = "", fused: bool = False,
-                    attention_op: Optional[bool] = None) -> bytes:
+def build_bert_onnx(model_dir, *, prefix: str = "") -> bytes:
     """Return the serialized ONNX ModelProto for the BERT encoder stored in ``model_dir``.
 
     ``model_dir`` holds ``config.json`` and ``model.safetensors`` (Hugging Face layout).
     ``prefix`` is prepended to every tensor name (``"bert."`` for some checkpoints; detected
-    automatically when left empty). ``fused=False`` (default) uses standard opset-17
-    operators only. ``fused=True`` writes each layer with ONNX Runtime's contrib operators
-    (``com.microsoft`` ``Attention``, ``SkipLayerNormalization``, ``BiasGelu``; ONNX Runtime's
-    online optimiser does not find these fusions in the plain graph): same numbers within 2e-7,
-    but measured no faster on a 2-core AVX2 CPU with length-sorted batches (the GEMMs dominate),
-    so it is not the default.
-    ``attention_op`` chooses the contrib ``Attention`` kernel separately (default: ``fused``).
+    automatically when left empty). Standard opset-17 operators only.
     """
-    if attention_op is None:
-        attention_op = fused
-    if attention_op and not fused:
-        raise ValueError("attention_op=True needs fused=True (com.microsoft operators)")
     try:
         from onnx import TensorProto, helper, numpy_helper
     except ImportError as exc:  # pragma: no cover - onnx is a core dependency
@@ -136,22 +125,17 @@ def build_bert_onnx(model_dir, *, prefix: str = "", fused: bool = False,
     x = node("Add", [x, node("Gather", [tte, "token_type_ids"], axis=0)])
     x = layer_norm(x, "embeddings.LayerNorm")
 
-    ms = {"domain": "com.microsoft"}
-    if attention_op:  # Attention takes the raw [B, S] 0/1 mask as int32
-        mask_i32 = node("Cast", ["attention_mask"], to=TensorProto.INT32)
-    else:
-        # attention bias from the mask: (1 - m) * -10000, shape [B, 1, 1, S]
-        mask_f = node("Cast", ["attention_mask"], to=TensorProto.FLOAT)
-        inv = node("Sub", [const("one_f", np.array(1.0, np.float32)), mask_f])
-        bias = node("Mul", [inv, const("neg_big", np.array(-10000.0, np.float32))])
-        bias = node("Unsqueeze", [bias, const("axes_12", np.array([1, 2], np.int64))])
-        heads_shape = const("heads_shape", np.array([0, 0, n_heads, d], np.int64))
-        merge_shape = const("merge_shape", np.array([0, 0, H], np.int64))
-        scale = const("qk_scale", np.array(1.0 / math.sqrt(d), np.float32))
-    if not fused:
-        half = const("half", np.array(0.5, np.float32))
-        one = const("one_g", np.array(1.0, np.float32))
-        inv_sqrt2 = const("inv_sqrt2", np.array(1.0 / math.sqrt(2.0), np.float32))
+    # attention bias from the mask: (1 - m) * -10000, shape [B, 1, 1, S]
+    mask_f = node("Cast", ["attention_mask"], to=TensorProto.FLOAT)
+    inv = node("Sub", [const("one_f", np.array(1.0, np.float32)), mask_f])
+    bias = node("Mul", [inv, const("neg_big", np.array(-10000.0, np.float32))])
+    bias = node("Unsqueeze", [bias, const("axes_12", np.array([1, 2], np.int64))])
+    heads_shape = const("heads_shape", np.array([0, 0, n_heads, d], np.int64))
+    merge_shape = const("merge_shape", np.array([0, 0, H], np.int64))
+    scale = const("qk_scale", np.array(1.0 / math.sqrt(d), np.float32))
+    half = const("half", np.array(0.5, np.float32))
+    one = const("one_g", np.array(1.0, np.float32))
+    inv_sqrt2 = const("inv_sqrt2", np.array(1.0 / math.sqrt(2.0), np.float32))
 
     def matmul_t(y: str, key: str) -> str:
         # HF stores [out, in]; MatMul wants [in, out].
@@ -162,15 +146,11 @@ def build_bert_onnx(model_dir, *, prefix: str = "", fused: bool = False,
         g = W(ln_key + ".weight", get(ln_key + ".weight"))
         b = W(ln_key + ".bias", get(ln_key + ".bias"))
         bias = W(bias_key + ".bias", get(bias_key + ".bias"))
-        if fused:
-            return node("SkipLayerNormalization", [y, skip, g, b, bias], epsilon=eps, **ms)
         return node("LayerNormalization", [node("Add", [node("Add", [y, bias]), skip]), g, b],
                     axis=-1, epsilon=eps)
 
     def bias_gelu(y: str, bias_key: str) -> str:
         bias = W(bias_key + ".bias", get(bias_key + ".bias"))
-        if fused:
-            return node("BiasGelu", [y, bias], **ms)
         h = node("Add", [y, bias])
         # gelu(h) = 0.5 * h * (1 + erf(h / sqrt(2)))
         g = node("Add", [node("Erf", [node("Mul", [h, inv_sqrt2])]), one])
@@ -178,25 +158,16 @@ def build_bert_onnx(model_dir, *, prefix: str = "", fused: bool = False,
 
     for i in range(n_layers):
         L = f"encoder.layer.{i}."
-        if attention_op:
-            qkv_w = np.concatenate([get(L + f"attention.self.{n}.weight").T
-                                    for n in ("query", "key", "value")], axis=1)
-            qkv_b = np.concatenate([get(L + f"attention.self.{n}.bias")
-                                    for n in ("query", "key", "value")])
-            ctx = node("Attention", [x, W(L + "qkv.weight", qkv_w), W(L + "qkv.bias", qkv_b),
-                                     mask_i32],
-                       num_heads=n_heads, mask_filter_value=-10000.0, **ms)
-        else:
-            q = node("Mul", [linear(x, L + "attention.self.query"), scale])
-            k = linear(x, L + "attention.self.key")
-            v = linear(x, L + "attention.self.value")
-            q = node("Transpose", [node("Reshape", [q, heads_shape])], perm=[0, 2, 1, 3])
-            k = node("Transpose", [node("Reshape", [k, heads_shape])], perm=[0, 2, 3, 1])
-            v = node("Transpose", [node("Reshape", [v, heads_shape])], perm=[0, 2, 1, 3])
-            scores = node("Add", [node("MatMul", [q, k]), bias])
-            probs = node("Softmax", [scores], axis=-1)
-            ctx = node("MatMul", [probs, v])
-            ctx = node("Reshape", [node("Transpose", [ctx], perm=[0, 2, 1, 3]), merge_shape])
+        q = node("Mul", [linear(x, L + "attention.self.query"), scale])
+        k = linear(x, L + "attention.self.key")
+        v = linear(x, L + "attention.self.value")
+        q = node("Transpose", [node("Reshape", [q, heads_shape])], perm=[0, 2, 1, 3])
+        k = node("Transpose", [node("Reshape", [k, heads_shape])], perm=[0, 2, 3, 1])
+        v = node("Transpose", [node("Reshape", [v, heads_shape])], perm=[0, 2, 1, 3])
+        scores = node("Add", [node("MatMul", [q, k]), bias])
+        probs = node("Softmax", [scores], axis=-1)
+        ctx = node("MatMul", [probs, v])
+        ctx = node("Reshape", [node("Transpose", [ctx], perm=[0, 2, 1, 3]), merge_shape])
         x = residual_ln(matmul_t(ctx, L + "attention.output.dense"), x,
                         L + "attention.output.LayerNorm", L + "attention.output.dense")
         h = bias_gelu(matmul_t(x, L + "intermediate.dense"), L + "intermediate.dense")
@@ -217,8 +188,7 @@ def build_bert_onnx(model_dir, *, prefix: str = "", fused: bool = False,
     graph = helper.make_graph(nodes, "bert_encoder", inputs, outputs, initializer=inits)
     model = helper.make_model(
         graph,
-        opset_imports=[helper.make_opsetid("", OPSET)]
-        + ([helper.make_opsetid("com.microsoft", 1)] if fused else []),
+        opset_imports=[helper.make_opsetid("", OPSET)],
         producer_name="metalora",
         doc_string=f"BERT encoder built from {model_dir.name} safetensors by metalora",
     )

@@ -1,4 +1,10 @@
-"""Run-time CPU dispatch: which SIMD level the native kernels use."""
+"""Run-time CPU dispatch: which SIMD level the native kernels use.
+
+The level is one setting of the whole process. Each native call (one Sinkhorn solve, one cost
+matrix, one combination step over all modules) takes it once when it starts and keeps it to the
+end, its OpenMP threads included, so a switch from another thread never mixes levels inside a
+call; it applies from the next call.
+"""
 
 from __future__ import annotations
 
@@ -37,6 +43,12 @@ def set_isa(level: str | None) -> None:
     The level must be in ``capabilities()["available"]``. The same choice can be made before
     import with the environment variable ``METALORA_ISA`` (for example ``METALORA_ISA=serial``).
 
+    The setting is process-wide, not per thread. A native call already running keeps the level
+    it started with; the next one, from any thread, uses the new one. A Python function that
+    makes several native calls (``distances`` over a bank, ``combine(mode="svd")``) can thus run
+    them at different levels if another thread switches meanwhile: switch levels while nothing
+    is computing.
+
     Raises
     ------
     ValueError
@@ -55,7 +67,13 @@ def set_isa(level: str | None) -> None:
 
 @contextlib.contextmanager
 def use_isa(level: str) -> Iterator[None]:
-    """Context manager that runs the kernels at ``level`` and then restores the previous one."""
+    """Context manager that runs the kernels at ``level`` and then restores the previous one.
+
+    It sets the process-wide level (see :func:`set_isa`): every thread's calls run at ``level``
+    inside the block, not only the calling thread's. Use it from one thread at a time: blocks
+    entered and left from several threads restore each other's levels in whatever order they
+    exit.
+    """
     previous = _core.capabilities()["active"]
     set_isa(level)
     try:

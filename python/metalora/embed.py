@@ -116,7 +116,7 @@ def _built_model_bytes(model_dir: str, size: int, mtime_ns: int) -> bytes:
 
     # Standard opset-17 operators: measured as fast as ORT's fused contrib kernels on this
     # CPU (bench/results_embed.md) and runnable by any ONNX runtime.
-    return build_bert_onnx(model_dir, fused=False)
+    return build_bert_onnx(model_dir)
 
 
 @functools.lru_cache(maxsize=4)

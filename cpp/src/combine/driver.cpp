@@ -1,8 +1,13 @@
-// OpenMP driver of the combination kernels (see metalora/combine.hpp).
+// OpenMP driver of the combination kernels (see metalora/combine.hpp). Each run_* takes the
+// active level's table once (kernels()) and hands it to every task, so that one call runs at one
+// level even when another thread switches the level (set_active_isa) while it runs.
 #include "metalora/combine.hpp"
 
 #include <algorithm>
+#include <atomic>
 #include <cstring>
+#include <exception>
+#include <mutex>
 #include <vector>
 
 #include "metalora/combine_kernels.hpp"

@@ -12,9 +12,9 @@ bool cpu_supports(Isa isa) {
   switch (isa) {
     case Isa::kSerial:
       return true;
-#if defined(__x86_64__) || defined(_M_X64)
-#if defined(__GNUC__) || defined(__clang__)
-    // __builtin_cpu_supports also checks that the OS saves the wider register state (XGETBV).
+#if defined(__x86_64__)
+    // __builtin_cpu_supports (GCC, Clang) also checks that the OS saves the wider register
+    // state (XGETBV).
     case Isa::kAvx2:
       return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
              __builtin_cpu_supports("f16c");
@@ -22,8 +22,7 @@ bool cpu_supports(Isa isa) {
       return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
              __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
 #endif
-#endif
-#if defined(__aarch64__) || defined(_M_ARM64)
+#if defined(__aarch64__)
     case Isa::kNeon:
       return true;  // Advanced SIMD (with fp16 conversions and float64 lanes) is mandatory on arm64.
 #endif

@@ -2,14 +2,17 @@
 #include "metalora/distances.hpp"
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <exception>
 #include <functional>
 #include <type_traits>
 #include <limits>
 #include <memory>
+#include <mutex>
 #include <numeric>
 #include <vector>
 
@@ -41,7 +44,9 @@ std::size_t ceil_div(std::size_t a, std::size_t b) { return (a + b - 1) / b; }
 
 // Phases that run one after another inside a single parallel region (a fork costs more than a
 // short phase on busy cores): phase 0 (packing) is split statically, the others dynamically.
-// Every thread meets the same work-sharing loops in the same order. Serial when !parallel.
+// Every thread meets the same work-sharing loops in the same order (after a task has thrown, the
+// remaining ones are skipped but the loops still run, and the exception is rethrown after the
+// region). Serial when !parallel.
 struct Phase {
   long n;
   std::function<void(long)> fn;
@@ -50,19 +55,21 @@ struct Phase {
 void run_phases(bool parallel, int threads, const std::vector<Phase>& phases) {
 #if defined(_OPENMP)
   if (parallel && threads > 1) {
+    TaskErrors errors;
 #pragma omp parallel num_threads(threads)
     {
       for (std::size_t k = 0; k < phases.size(); ++k) {
         const Phase& ph = phases[k];
         if (k == 0) {
 #pragma omp for schedule(static)
-          for (long t = 0; t < ph.n; ++t) ph.fn(t);
+          for (long t = 0; t < ph.n; ++t) errors.run([&] { ph.fn(t); });
         } else {
 #pragma omp for schedule(dynamic, 1)
-          for (long t = 0; t < ph.n; ++t) ph.fn(t);
+          for (long t = 0; t < ph.n; ++t) errors.run([&] { ph.fn(t); });
         }
       }
     }
+    errors.rethrow();
     return;
   }
 #endif
@@ -72,21 +79,24 @@ void run_phases(bool parallel, int threads, const std::vector<Phase>& phases) {
     for (long t = 0; t < ph.n; ++t) ph.fn(t);
 }
 
+// The float32 or float64 half of a level's table. Each public entry point takes the active
+// table once (kernels()) and hands it down to every helper and task, so that one call, a whole
+// Sinkhorn solve included, runs at one level even when another thread switches the level
+// (set_active_isa) while it runs.
 template <class T>
-const KernelsT<T>& table();
+const KernelsT<T>& half(const Kernels& k);
 template <>
-const KernelsT<float>& table<float>() { return kernels().f32; }
+const KernelsT<float>& half<float>(const Kernels& k) { return k.f32; }
 template <>
-const KernelsT<double>& table<double>() { return kernels().f64; }
+const KernelsT<double>& half<double>(const Kernels& k) { return k.f64; }
 
 // G[i, j] = max(lo, alpha <x_i, y_j> + xn_i + yn_j) for rows [0, n), parallel over row tasks.
 // With upper = true (X == Y, n == m), only the column panels at or right of each row block are
 // computed (every entry with j >= i, some below); mirror_lower then fills the rest.
 template <class T>
-void gram_parallel(const T* X, std::size_t n, const T* Y, std::size_t m, std::size_t d, T alpha,
-                   const T* xn, const T* yn, T lo, T* G, std::size_t ldg, int threads,
-                   bool upper = false) {
-  const KernelsT<T>& k = table<T>();
+void gram_parallel(const KernelsT<T>& k, const T* X, std::size_t n, const T* Y, std::size_t m,
+                   std::size_t d, T alpha, const T* xn, const T* yn, T lo, T* G, std::size_t ldg,
+                   int threads, bool upper = false) {
   const std::size_t nr = k.nr, npanels = ceil_div(m, nr);
   std::vector<T> Yp(npanels * nr * d + 1);
   constexpr std::size_t kPanelsPerTask = 4;
@@ -121,9 +131,9 @@ void mirror_lower(T* D, std::size_t n, std::size_t ld, int threads) {
 }
 
 template <class T>
-std::vector<T> sqnorms(const T* X, std::size_t n, std::size_t d) {
+std::vector<T> sqnorms(const KernelsT<T>& k, const T* X, std::size_t n, std::size_t d) {
   std::vector<T> out(n + 1);
-  table<T>().sqnorm(X, d, n, d, out.data());
+  k.sqnorm(X, d, n, d, out.data());
   return out;
 }
 
@@ -175,17 +185,17 @@ void sqdist_direct(const T* X, std::size_t i0, std::size_t i1, const T* Y, std::
 
 // Full squared-distance matrix (n x ld) of centred copies; the diagonal is exactly 0 when self.
 template <class T>
-void sqdist_matrix(const T* X, std::size_t n, const T* Y, std::size_t m, std::size_t d, bool self,
-                   T* D, std::size_t ld, int threads) {
+void sqdist_matrix(const KernelsT<T>& k, const T* X, std::size_t n, const T* Y, std::size_t m,
+                   std::size_t d, bool self, T* D, std::size_t ld, int threads) {
   if (d <= kDirectDim) {
     parallel_for(ceil_div(n, kGramRows), threads, [&](std::size_t t) {
       const std::size_t i0 = t * kGramRows, i1 = std::min(n, i0 + kGramRows);
       sqdist_direct(X, i0, i1, Y, m, d, D + i0 * ld, ld);
     });
   } else {
-    const auto xn = sqnorms(X, n, d);
-    const auto yn = self ? xn : sqnorms(Y, m, d);
-    gram_parallel<T>(X, n, Y, m, d, T(-2), xn.data(), yn.data(), T(0), D, ld, threads, self);
+    const auto xn = sqnorms(k, X, n, d);
+    const auto yn = self ? xn : sqnorms(k, Y, m, d);
+    gram_parallel<T>(k, X, n, Y, m, d, T(-2), xn.data(), yn.data(), T(0), D, ld, threads, self);
     if (self) mirror_lower(D, n, ld, threads);
   }
   if (self)
@@ -211,13 +221,12 @@ void transpose(const T* A, std::size_t n, std::size_t m, std::size_t lda, T* B, 
 // and Cyy as one task list, then Cyx = Cxy^T, the mirrored lower triangles and zero diagonals.
 // Same values as sqdist_matrix + transpose, with two barriers instead of five fork/joins.
 template <class T>
-void sinkhorn_costs(const T* Xs, std::size_t n, const T* Ys, std::size_t m, std::size_t d,
-                    bool debias, T* Cxy, T* Cyx, T* Cxx, T* Cyy, std::size_t ldn, std::size_t ldm,
-                    int threads) {
-  const KernelsT<T>& k = table<T>();
+void sinkhorn_costs(const KernelsT<T>& k, const T* Xs, std::size_t n, const T* Ys, std::size_t m,
+                    std::size_t d, bool debias, T* Cxy, T* Cyx, T* Cxx, T* Cyy, std::size_t ldn,
+                    std::size_t ldm, int threads) {
   const std::size_t nr = k.nr;
   constexpr std::size_t kPanelsPerTask = 4, kb = 32;
-  const auto xn = sqnorms(Xs, n, d), yn = sqnorms(Ys, m, d);
+  const auto xn = sqnorms(k, Xs, n, d), yn = sqnorms(k, Ys, m, d);
   const std::size_t npx = ceil_div(n, nr), npy = ceil_div(m, nr);
   std::vector<T> Xpk(npx * nr * d + 1), Ypk(npy * nr * d + 1);
   const long ptx = static_cast<long>(ceil_div(npx, kPanelsPerTask));
@@ -304,12 +313,14 @@ struct ThreadChooser {
 // One log-domain half-step: out_i = -eps log sum_j exp(logw_j + (pot_j - C_ij) / eps).
 template <class T>
 struct Softmin {
+  const KernelsT<T>& k;
   const T* C;
   std::size_t rows, cols, ld;
   std::vector<T> h;
 
-  Softmin(const T* C_, std::size_t rows_, std::size_t cols_, std::size_t ld_)
-      : C(C_), rows(rows_), cols(cols_), ld(ld_), h(ld_, -std::numeric_limits<T>::infinity()) {}
+  Softmin(const KernelsT<T>& k_, const T* C_, std::size_t rows_, std::size_t cols_, std::size_t ld_)
+      : k(k_), C(C_), rows(rows_), cols(cols_), ld(ld_),
+        h(ld_, -std::numeric_limits<T>::infinity()) {}
 
   void operator()(const std::vector<double>& pot, const std::vector<double>& logw, double eps,
                   std::vector<double>& out, ThreadChooser& chooser) {
@@ -323,22 +334,17 @@ struct Softmin {
   void run(const std::vector<double>& pot, const std::vector<double>& logw, double eps,
            std::vector<double>& out, int threads) {
     for (std::size_t j = 0; j < cols; ++j) h[j] = static_cast<T>(pot[j] / eps + logw[j]);
-    const KernelsT<T>& k = table<T>();
     const T inv = static_cast<T>(1.0 / eps);
     out.resize(rows);
     const std::size_t ntasks = ceil_div(rows, kSoftminRows);
-#if defined(_OPENMP)
     if (threads > 1 && ntasks > 1) {
-#pragma omp parallel for schedule(static) num_threads(threads)
-      for (long t = 0; t < static_cast<long>(ntasks); ++t) {
-        const std::size_t r0 = static_cast<std::size_t>(t) * kSoftminRows;
-        const std::size_t r1 = std::min(rows, r0 + kSoftminRows);
+      // Static: each thread keeps the same rows of C (in its cache) from one pass to the next.
+      parallel_for(ntasks, threads, [&](std::size_t t) {
+        const std::size_t r0 = t * kSoftminRows, r1 = std::min(rows, r0 + kSoftminRows);
         k.softmin(C + r0 * ld, ld, r1 - r0, cols, h.data(), inv, eps, out.data() + r0);
-      }
+      }, Schedule::kStatic);
       return;
     }
-#endif
-    (void)threads;
     k.softmin(C, ld, rows, cols, h.data(), inv, eps, out.data());
   }
 };
@@ -377,13 +383,10 @@ struct Matrix {
   T* data() { return buf.get(); }
 };
 
-}  // namespace
-
-
+// cost_matrix with the level's table given (threads resolved).
 template <class T>
-void cost_matrix(const T* X, std::size_t n, const T* Y, std::size_t m, std::size_t d, int kind,
-                 T* out, std::size_t ldo, int threads) {
-  threads = resolve_threads(threads);
+void cost_into(const KernelsT<T>& kt, const T* X, std::size_t n, const T* Y, std::size_t m,
+               std::size_t d, int kind, T* out, std::size_t ldo, int threads) {
   if (kind == kSqEuclidean) {
     if (d <= kDirectDim) {
       parallel_for(ceil_div(n, kGramRows), threads, [&](std::size_t t) {
@@ -392,15 +395,15 @@ void cost_matrix(const T* X, std::size_t n, const T* Y, std::size_t m, std::size
       });
       return;
     }
-    const auto xn = sqnorms(X, n, d);
-    const auto yn = sqnorms(Y, m, d);
-    gram_parallel<T>(X, n, Y, m, d, T(-2), xn.data(), yn.data(), T(0), out, ldo, threads);
+    const auto xn = sqnorms(kt, X, n, d);
+    const auto yn = sqnorms(kt, Y, m, d);
+    gram_parallel<T>(kt, X, n, Y, m, d, T(-2), xn.data(), yn.data(), T(0), out, ldo, threads);
   } else if (kind == kCosine) {
     // Unit-norm copies (a zero vector stays zero: its cost to everything is 1).
     std::vector<T> Xu(X, X + n * d), Yu(Y, Y + m * d);
     for (auto* buf : {&Xu, &Yu}) {
       const std::size_t rows = buf->size() / (d ? d : 1);
-      const auto nrm = sqnorms(buf->data(), rows, d);
+      const auto nrm = sqnorms(kt, buf->data(), rows, d);
       for (std::size_t i = 0; i < rows; ++i) {
         const double s = std::sqrt(static_cast<double>(nrm[i]));
         if (s > 0)
@@ -408,17 +411,27 @@ void cost_matrix(const T* X, std::size_t n, const T* Y, std::size_t m, std::size
       }
     }
     std::vector<T> ones(n + 1, T(1));
-    gram_parallel<T>(Xu.data(), n, Yu.data(), m, d, T(-1), ones.data(), nullptr, T(0), out, ldo,
-                     threads);
+    gram_parallel<T>(kt, Xu.data(), n, Yu.data(), m, d, T(-1), ones.data(), nullptr, T(0), out,
+                     ldo, threads);
   } else {
-    gram_parallel<T>(X, n, Y, m, d, T(1), nullptr, nullptr, -std::numeric_limits<T>::infinity(),
-                     out, ldo, threads);
+    gram_parallel<T>(kt, X, n, Y, m, d, T(1), nullptr, nullptr,
+                     -std::numeric_limits<T>::infinity(), out, ldo, threads);
   }
+}
+
+}  // namespace
+
+
+template <class T>
+void cost_matrix(const T* X, std::size_t n, const T* Y, std::size_t m, std::size_t d, int kind,
+                 T* out, std::size_t ldo, int threads) {
+  cost_into(half<T>(kernels()), X, n, Y, m, d, kind, out, ldo, resolve_threads(threads));
 }
 
 template <class T>
 SinkhornResult sinkhorn(const T* X, std::size_t n, const T* Y, std::size_t m, std::size_t d,
                         const double* a, const double* b, const SinkhornOptions& opt) {
+  const KernelsT<T>& k = half<T>(kernels());  // the level of the whole solve
   const int threads = resolve_threads(opt.threads);
   using clock = std::chrono::steady_clock;
   const auto t_start = clock::now();
@@ -443,21 +456,21 @@ SinkhornResult sinkhorn(const T* X, std::size_t n, const T* Y, std::size_t m, st
     Ys = Yc.data();
   }
   if (fused) {
-    sinkhorn_costs(Xs, n, Ys, m, d, opt.debias, Cxy.data(), Cyx.data(), Cxx.data(), Cyy.data(),
+    sinkhorn_costs(k, Xs, n, Ys, m, d, opt.debias, Cxy.data(), Cyx.data(), Cxx.data(), Cyy.data(),
                    ldn, ldm, threads);
   } else if (opt.cost == kSqEuclidean) {
-    sqdist_matrix(Xs, n, Ys, m, d, false, Cxy.data(), ldm, threads);
+    sqdist_matrix(k, Xs, n, Ys, m, d, false, Cxy.data(), ldm, threads);
   } else {
-    cost_matrix(X, n, Y, m, d, opt.cost, Cxy.data(), ldm, threads);
+    cost_into(k, X, n, Y, m, d, opt.cost, Cxy.data(), ldm, threads);
   }
   if (!fused) transpose(Cxy.data(), n, m, ldm, Cyx.data(), ldn, threads);
   if (opt.debias && !fused) {
     if (opt.cost == kSqEuclidean) {
-      sqdist_matrix(Xs, n, Xs, n, d, true, Cxx.data(), ldn, threads);
-      sqdist_matrix(Ys, m, Ys, m, d, true, Cyy.data(), ldm, threads);
+      sqdist_matrix(k, Xs, n, Xs, n, d, true, Cxx.data(), ldn, threads);
+      sqdist_matrix(k, Ys, m, Ys, m, d, true, Cyy.data(), ldm, threads);
     } else {
-      cost_matrix(X, n, X, n, d, opt.cost, Cxx.data(), ldn, threads);
-      cost_matrix(Y, m, Y, m, d, opt.cost, Cyy.data(), ldm, threads);
+      cost_into(k, X, n, X, n, d, opt.cost, Cxx.data(), ldn, threads);
+      cost_into(k, Y, m, Y, m, d, opt.cost, Cyy.data(), ldm, threads);
       for (std::size_t i = 0; i < n; ++i) Cxx.data()[i * ldn + i] = T(0);
       for (std::size_t i = 0; i < m; ++i) Cyy.data()[i * ldm + i] = T(0);
     }
@@ -467,16 +480,16 @@ SinkhornResult sinkhorn(const T* X, std::size_t n, const T* Y, std::size_t m, st
   for (std::size_t i = 0; i < n; ++i) la[i] = std::log(a[i]);
   for (std::size_t j = 0; j < m; ++j) lb[j] = std::log(b[j]);
 
-  Softmin<T> Txy(Cxy.data(), n, m, ldm), Tyx(Cyx.data(), m, n, ldn);
-  Softmin<T> Txx(opt.debias ? Cxx.data() : nullptr, n, n, ldn);
-  Softmin<T> Tyy(opt.debias ? Cyy.data() : nullptr, m, m, ldm);
+  Softmin<T> Txy(k, Cxy.data(), n, m, ldm), Tyx(k, Cyx.data(), m, n, ldn);
+  Softmin<T> Txx(k, opt.debias ? Cxx.data() : nullptr, n, n, ldn);
+  Softmin<T> Tyy(k, opt.debias ? Cyy.data() : nullptr, m, m, ldm);
 
   // Annealing schedule: from an upper bound of the costs down to eps by the factor `scaling`.
   // Upper bound of every cost: (2 max radius)^2 around the common mean for squared Euclidean
   // (triangle inequality), 2 for the cosine cost.
   double eps0 = 2.0;
   if (opt.cost == kSqEuclidean) {
-    const auto rx = sqnorms(Xs, n, d), ry = sqnorms(Ys, m, d);
+    const auto rx = sqnorms(k, Xs, n, d), ry = sqnorms(k, Ys, m, d);
     double r2 = 0.0;
     for (std::size_t i = 0; i < n; ++i) r2 = std::max(r2, static_cast<double>(rx[i]));
     for (std::size_t j = 0; j < m; ++j) r2 = std::max(r2, static_cast<double>(ry[j]));
@@ -695,7 +708,7 @@ void sliced(const T* X, std::size_t n, const T* Y, std::size_t m, std::size_t d,
   // One parallel region: pack X and Y as GEMM panels, then tasks of kDirs directions that
   // project both clouds (as rows: contiguous for the sorts), sort and merge. Fewer fork/join
   // points than a GEMM per cloud plus a loop of sorts, which matters on busy cores.
-  const KernelsT<T>& k = table<T>();
+  const KernelsT<T>& k = half<T>(kernels());  // one level for the whole call
   const std::size_t nr = k.nr;
   constexpr std::size_t kPanelsPerTask = 4, kDirs = 24;
   const std::size_t npx = ceil_div(n, nr), npy = ceil_div(m, nr);
@@ -734,10 +747,10 @@ void kernel_sums(const T* X, std::size_t n, const T* Y, std::size_t m, std::size
   centered(X, n, Y, m, d, Xc, Yc);
   std::vector<T> prm(params, params + np);
   prm.push_back(T(0));
-  const KernelsT<T>& k = table<T>();
+  const KernelsT<T>& k = half<T>(kernels());  // one level for the whole call
   const bool gram = d > kDirectDim;
-  const std::vector<T> xn = gram ? sqnorms(Xc.data(), n, d) : std::vector<T>();
-  const std::vector<T> yn = gram ? sqnorms(Yc.data(), m, d) : std::vector<T>();
+  const std::vector<T> xn = gram ? sqnorms(k, Xc.data(), n, d) : std::vector<T>();
+  const std::vector<T> yn = gram ? sqnorms(k, Yc.data(), m, d) : std::vector<T>();
   auto sum_block = [&](const T* A, std::size_t na, const T* an, const T* B, std::size_t nb,
                        const T* bn, bool self) {
     const KernelsT<T>& kk = k;

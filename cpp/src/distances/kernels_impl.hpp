@@ -9,9 +9,10 @@
 // V is dk::Tiled<VecF32 or VecF64, MR, NRV>: the level's traits, which provide T (lane type),
 // R (register), W (lanes), zero, set1, load, store, add, sub, mul, div, fma (a * b + c, one
 // rounding where the level has FMA), max, min, sqrt; kLibm = true when the level computes exp
-// with the C library one lane at a time (the serial oracle, V::exp), otherwise exp2i(t) =
-// 2^(bits(t) - bits(magic)) for the exponent trick of the vectorised exp below; plus this family's
-// tiling of the GEMM micro-kernel for the level: MR (rows), NRV (vectors of columns).
+// with the C library one lane at a time (the serial oracle: V::exp, and no exp2i), otherwise
+// exp2i(t) = 2^(bits(t) - bits(magic)) for the exponent trick of the vectorised exp below (and no
+// V::exp); plus this family's tiling of the GEMM micro-kernel for the level: MR (rows), NRV
+// (vectors of columns).
 
 using std::size_t;
 

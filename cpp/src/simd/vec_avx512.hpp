@@ -7,9 +7,9 @@
 // headers: this header includes nothing itself.
 //
 // VecF32 / VecF64 provide: T (lane type), R (register), W (lanes), kLibm, zero, set1, load, store,
-// add, sub, mul, div, fma (one rounding), max, min, sqrt, exp (unused: !kLibm), exp2i(t) =
-// 2^(bits(t)) for the distances' vectorised exp; VecF32 also load_bf16 / load_f16 (W 16-bit floats
-// widened to float32).
+// add, sub, mul, div, fma (one rounding), max, min, sqrt, exp2i(t) = 2^(bits(t)) for the
+// distances' vectorised exp (kLibm = false: no exp of their own); VecF32 also load_bf16 /
+// load_f16 (W 16-bit floats widened to float32).
 #pragma once
 
 struct VecF32 {
@@ -36,7 +36,6 @@ struct VecF32 {
   static R max(R a, R b) { return _mm512_max_ps(a, b); }
   static R min(R a, R b) { return _mm512_min_ps(a, b); }
   static R sqrt(R a) { return _mm512_sqrt_ps(a); }
-  static R exp(R a) { return a; }  // unused: !kLibm
   static R exp2i(R t) {
     const __m512i e = _mm512_add_epi32(_mm512_castps_si512(t), _mm512_set1_epi32(127));
     return _mm512_castsi512_ps(_mm512_slli_epi32(e, 23));
@@ -60,7 +59,6 @@ struct VecF64 {
   static R max(R a, R b) { return _mm512_max_pd(a, b); }
   static R min(R a, R b) { return _mm512_min_pd(a, b); }
   static R sqrt(R a) { return _mm512_sqrt_pd(a); }
-  static R exp(R a) { return a; }  // unused: !kLibm
   static R exp2i(R t) {
     const __m512i e = _mm512_add_epi64(_mm512_castpd_si512(t), _mm512_set1_epi64(1023));
     return _mm512_castsi512_pd(_mm512_slli_epi64(e, 52));

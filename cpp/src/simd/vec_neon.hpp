@@ -7,9 +7,9 @@
 // <arm_neon.h> and the standard headers: this header includes nothing itself.
 //
 // VecF32 / VecF64 provide: T (lane type), R (register), W (lanes), kLibm, zero, set1, load, store,
-// add, sub, mul, div, fma (one rounding), max, min, sqrt, exp (unused: !kLibm), exp2i(t) =
-// 2^(bits(t)) for the distances' vectorised exp; VecF32 also load_bf16 / load_f16 (W 16-bit floats
-// widened to float32).
+// add, sub, mul, div, fma (one rounding), max, min, sqrt, exp2i(t) = 2^(bits(t)) for the
+// distances' vectorised exp (kLibm = false: no exp of their own); VecF32 also load_bf16 /
+// load_f16 (W 16-bit floats widened to float32).
 #pragma once
 
 struct VecF32 {
@@ -31,7 +31,6 @@ struct VecF32 {
   static R max(R a, R b) { return vmaxq_f32(a, b); }
   static R min(R a, R b) { return vminq_f32(a, b); }
   static R sqrt(R a) { return vsqrtq_f32(a); }
-  static R exp(R a) { return a; }  // unused: !kLibm
   static R exp2i(R t) {
     const int32x4_t e = vaddq_s32(vreinterpretq_s32_f32(t), vdupq_n_s32(127));
     return vreinterpretq_f32_s32(vshlq_n_s32(e, 23));
@@ -55,7 +54,6 @@ struct VecF64 {
   static R max(R a, R b) { return vmaxq_f64(a, b); }
   static R min(R a, R b) { return vminq_f64(a, b); }
   static R sqrt(R a) { return vsqrtq_f64(a); }
-  static R exp(R a) { return a; }  // unused: !kLibm
   static R exp2i(R t) {
     const int64x2_t e = vaddq_s64(vreinterpretq_s64_f64(t), vdupq_n_s64(1023));
     return vreinterpretq_f64_s64(vshlq_n_s64(e, 52));

@@ -8,8 +8,8 @@
 // exp one lane at a time instead of their vectorised exp2i-based one).
 //
 // VecF32 / VecF64 provide: T (lane type), R (register), W (lanes), kLibm, zero, set1, load, store,
-// add, sub, mul, div, fma, max, min, sqrt, exp, exp2i; VecF32 also load_bf16 / load_f16 (W 16-bit
-// floats widened to float32).
+// add, sub, mul, div, fma, max, min, sqrt, exp (no exp2i: kLibm); VecF32 also load_bf16 /
+// load_f16 (W 16-bit floats widened to float32).
 #pragma once
 
 template <class Tp>
@@ -37,7 +37,6 @@ struct ScalarVec {
     if constexpr (sizeof(T) == 4) return __builtin_expf(a);
     else return __builtin_exp(a);
   }
-  static R exp2i(R) { return T(0); }  // unused: kLibm
 };
 
 struct VecF32 : ScalarVec<float> {
