@@ -209,7 +209,10 @@ def search(scorer, start: np.ndarray, options: RefineOptions) -> RefineResult:
         grid, labels = [], []
         for k in sorted({min(k, K) for k in options.top_ks}):
             for scale in options.scales:
-                grid.append(scale * _topk(start, k))
+                c = scale * _topk(start, k)
+                if np.allclose(c, start, rtol=1e-12, atol=0.0):
+                    continue  # the start itself (all of its adapters at scale 1)
+                grid.append(c)
                 labels.append({"stage": "grid", "k": k, "scale": float(scale)})
         evaluate(grid, labels)
         if len(seen) < budget and best["f"] < np.inf:
