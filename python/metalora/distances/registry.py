@@ -19,6 +19,7 @@ from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
 import numpy as np
 
+from .._registry import Registry
 from ..tokens import TokenSignature
 from ._validate import as_cloud, as_density, as_sample1d
 
@@ -171,30 +172,20 @@ class Metric:
 
 
 #: name -> :class:`Metric`, in registration order (what ``--distance`` lists).
-METRICS: Dict[str, Metric] = {}
+METRICS: Registry[Metric] = Registry("metric", "metric", Metric)
 
 
 def register_metric(metric: Metric, *, replace: bool = False) -> Metric:
     """Add ``metric`` to :data:`METRICS` (``replace=True`` to redefine a name); returns it."""
-    if not isinstance(metric, Metric):
-        raise TypeError(f"register_metric takes a Metric, got {type(metric).__name__}")
-    if metric.name in METRICS and not replace:
-        raise ValueError(f"metric {metric.name!r} is already registered; pass replace=True to "
-                         f"redefine it")
-    METRICS[metric.name] = metric
-    return metric
+    return METRICS.register(metric, replace=replace)
 
 
 def unregister_metric(name: str) -> Metric:
     """Remove a metric from :data:`METRICS`; returns its record."""
-    return METRICS.pop(get_metric(name).name)
+    return METRICS.unregister(name)
 
 
 def get_metric(name: Any, what: str = "metric") -> Metric:
     """The record of metric ``name``; a ``ValueError`` lists the valid names (``what`` is the
     argument's name in the message)."""
-    try:
-        return METRICS[name]
-    except (KeyError, TypeError):
-        raise ValueError(f"{what}={name!r} is not one of {tuple(METRICS)}") from None
-
+    return METRICS.lookup(name, what)

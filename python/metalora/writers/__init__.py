@@ -14,9 +14,10 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Dict, FrozenSet
+from typing import TYPE_CHECKING, Callable, FrozenSet
 
 from .._io import fsync_dir, process_umask
+from .._registry import Registry
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..adapter import Adapter
@@ -50,23 +51,18 @@ class Writer:
     options: FrozenSet[str] = frozenset()
 
 
-WRITERS: Dict[str, Writer] = {}
+#: name -> :class:`Writer`, in registration order (what ``--format`` lists).
+WRITERS: Registry[Writer] = Registry("output format", "format", Writer)
 
 
-def register(writer: Writer) -> Writer:
-    """Add ``writer`` to :data:`WRITERS` (a name already there is an error)."""
-    if writer.name in WRITERS:
-        raise ValueError(f"output format {writer.name!r} is already registered")
-    WRITERS[writer.name] = writer
-    return writer
+def register(writer: Writer, *, replace: bool = False) -> Writer:
+    """Add ``writer`` to :data:`WRITERS` (``replace=True`` to redefine a name); returns it."""
+    return WRITERS.register(writer, replace=replace)
 
 
 def get_writer(name: object) -> Writer:
     """The registered writer called ``name``, or a ValueError listing the formats."""
-    w = WRITERS.get(name) if isinstance(name, str) else None
-    if w is None:
-        raise ValueError(f"format={name!r} is not one of {tuple(WRITERS)}")
-    return w
+    return WRITERS.lookup(name)
 
 
 def publish_directory(path: os.PathLike, fill: Callable[[Path], None], *, overwrite: bool,
