@@ -150,7 +150,7 @@ def read_safetensors_header(path: Path) -> Tuple[Dict[str, _TensorInfo], Dict[st
             raise AdapterError(path, f"tensor {name!r}: header entry needs dtype, shape and "
                                      f"data_offsets; corrupt safetensors file")
         code, shape, offs = e["dtype"], e["shape"], e["data_offsets"]
-        if code not in _ITEMSIZE:
+        if not isinstance(code, str) or code not in _ITEMSIZE:
             raise AdapterError(path, f"tensor {name!r}: unknown dtype {code!r}")
         if (not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape)
                 or not isinstance(offs, list) or len(offs) != 2
