@@ -344,6 +344,9 @@ def _cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+_THREADS_HELP = "threads (0 = all cores; more than the CPUs available are clamped to them)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .coefficients import OPERATORS
     from .distances import METRICS
@@ -387,7 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "coefficients (default 16; 'all' for every adapter, as in the paper)")
     p.add_argument("--tokenizer", metavar="FILE", help="base model's tokenizer.json (token distances)")
     p.add_argument("--n", type=int, help="subsample every dataset to n examples")
-    p.add_argument("--threads", type=int, default=0, help="threads (0 = all cores; more than the CPUs are clamped to them)")
+    p.add_argument("--threads", type=int, default=0, help=_THREADS_HELP)
     p.add_argument("--refine", action="store_true",
                    help="weigh the bank's adapters on the dataset's own examples with forward "
                    "passes of --model (no gradients; needs pip install 'metalora[refine]')")
@@ -440,7 +443,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "--distance (operator 'neural' of generate)")
     p.add_argument("--epochs", type=int, default=400, help="neural operator training epochs "
                    "(default 400)")
-    p.add_argument("--threads", type=int, default=0, help="threads (0 = all cores; more than the CPUs are clamped to them)")
+    p.add_argument("--threads", type=int, default=0, help=_THREADS_HELP)
     p.set_defaults(func=_cmd_bank_index)
 
     p = sub.add_parser("inspect", help="summarise an adapter or a bank",
@@ -468,7 +471,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--r", type=int, default=8, help="rank of each adapter (default 8)")
     p.add_argument("--layers", type=int, default=30, help="transformer layers (default 30)")
     p.add_argument("--mode", choices=list(MODES) + ["all"], default="all")
-    p.add_argument("--threads", type=int, default=0, help="threads (0 = all cores; more than the CPUs are clamped to them)")
+    p.add_argument("--threads", type=int, default=0, help=_THREADS_HELP)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_demo)
     return parser
