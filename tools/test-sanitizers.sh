@@ -41,6 +41,9 @@ LIBASAN="$(${CXX:-g++} -print-file-name=libasan.so) $(${CXX:-g++} -print-file-na
 LD_PRELOAD="$LIBASAN" ASAN_OPTIONS=detect_leaks=0:abort_on_error=1:allocator_may_return_null=1 \
   UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 PYTHONPATH="$STAGE" \
   "$PY" -m pytest -q -p no:cacheprovider tests/test_bindings.py tests/test_combine.py \
-  $(ls tests/test_distances_*.py) -x
+  $(ls tests/test_distances_*.py) -x -k "not exception_inside_a_parallel_region"
+# (that test caps the address space with RLIMIT_AS to make a kernel's allocation fail; under ASan
+# the failed mmap of its own allocator aborts the process whatever allocator_may_return_null says,
+# so it runs in the regular suite only)
 t3=$(date +%s)
 echo "sanitizer job: C++ $((t1 - t0)) s, build $((t2 - t1)) s, Python tests $((t3 - t2)) s"
