@@ -13,7 +13,9 @@
 #   --no-neon      skip the arm64/qemu run
 #   --no-native    skip the native run
 # Env: CXX (native compiler, default g++), AARCH64_CXX (default aarch64-linux-gnu-g++),
-#      QEMU_AARCH64 (default qemu-aarch64), BUILD_DIR (default build/kernel-test).
+#      QEMU_AARCH64 (default qemu-aarch64), BUILD_DIR (default build/kernel-test),
+#      SANITIZE (e.g. address,undefined: build with -fsanitize=... and stop at the first report;
+#      used by tools/test-sanitizers.sh).
 # Prints which levels passed where, per family, and the output digests (equal digests =
 # bit-identical results across levels and machines).
 # Exit status: non-zero if any build or any level of either family fails.
@@ -43,6 +45,11 @@ rm -f "$BUILD_DIR"/native/*.log "$BUILD_DIR"/aarch64/*.log
 # two-rounding reference), no fast-math. No OpenMP: the kernels are single-threaded and the
 # drivers' pragmas are ignored (-Wno-unknown-pragmas).
 COMMON=(-std=c++17 -O2 -ffp-contract=off -fno-math-errno -Icpp/include -Wall -Wextra -Wno-unknown-pragmas)
+SANFLAGS=()
+if [ -n "${SANITIZE:-}" ]; then
+  SANFLAGS=(-fsanitize="$SANITIZE" -fno-sanitize-recover=all -fno-omit-frame-pointer -g)
+  COMMON+=("${SANFLAGS[@]}")
+fi
 # The two kernel families: name, test source, kernel directory. Each gets its own binary
 # (build/kernel-test/<arch>/test_<name>) and log (<name>.log next to it).
 FAMILIES=("combine cpp/tests/test_kernels.cpp cpp/src/combine"
@@ -90,7 +97,7 @@ build_run() {
     compile "$cxx" "$o/test.o" "$tsrc" "${defs[@]}" "${base[@]}"
     objs+=("$o/kernels_serial.o" "$o/driver.o" "$o/test.o")
     # shellcheck disable=SC2086
-    "$cxx" $ldflags "${objs[@]}" -o "$out/test_$name"
+    "$cxx" $ldflags "${SANFLAGS[@]}" "${objs[@]}" -o "$out/test_$name"
     echo "== $label, $name kernels: $out/test_$name"
     local log="$out/$name.log" t0 t1
     t0=$(date +%s%N)

@@ -17,7 +17,7 @@ from typing import Any, Callable, Optional, Union
 import numpy as np
 
 __all__ = ["atomic_write", "atomic_write_json", "fsync_dir", "json_default", "positive_int",
-           "check_threads", "process_umask", "json_text"]
+           "check_threads", "available_cpus", "pid_alive", "temp_owner", "process_umask", "json_text"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -42,7 +42,9 @@ def atomic_write(path: PathLike, data: Union[bytes, str, Callable[[Any], None]],
     file) to ``path`` atomically; the file gets permission bits ``mode`` less the umask, as
     ``open()`` would give it."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    # the pid in the name lets a cleaner tell a live writer's temporary from a dead one's
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}-", suffix=".tmp",
+                               dir=path.parent)
     try:
         if hasattr(os, "fchmod"):  # mkstemp's 0600 would hide the file from other users
             os.fchmod(fd, mode & ~process_umask())
@@ -62,6 +64,28 @@ def atomic_write(path: PathLike, data: Union[bytes, str, Callable[[Any], None]],
         raise
     fsync_dir(path.parent)
     return path
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists (on this machine); True when unsure."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: alive, someone else's
+        return True
+    return True
+
+
+def temp_owner(name: str) -> Optional[int]:
+    """The pid recorded in an :func:`atomic_write` temporary's name (``.<target>.<pid>-*.tmp``),
+    or None."""
+    import re
+
+    m = re.match(r"^\..*\.(\d+)-[^.]*\.tmp$", name)
+    return int(m.group(1)) if m else None
 
 
 def json_default(x: Any) -> Any:
@@ -117,8 +141,20 @@ def positive_int(value: Any, what: str, *, allow_none: bool = False) -> Optional
     return int(value)
 
 
+def available_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask where the OS has one)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # pragma: no cover - macOS, Windows
+        return max(1, os.cpu_count() or 1)
+
+
 def check_threads(threads: Any) -> int:
-    """``threads`` as an int: 0 (all cores) or a positive count."""
+    """``threads`` as an int: 0 (all cores) or a positive count, **clamped to the CPUs this
+    process may use** (:func:`available_cpus`). More OpenMP threads than cores never makes these
+    kernels faster, and thousands of them exhaust memory or abort inside the OpenMP runtime, so
+    ``threads=100000`` (or ``2**31``) runs on every core instead. Anything that is not a
+    non-negative integer is a ValueError."""
     if isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or threads < 0:
         raise ValueError(f"threads must be a non-negative integer (0 = all cores), got {threads!r}")
-    return int(threads)
+    return min(int(threads), available_cpus())

@@ -131,6 +131,8 @@ def read_safetensors_header(path: Path) -> Tuple[Dict[str, _TensorInfo], Dict[st
         raise AdapterError(path, "is a directory, expected a safetensors file") from None
     try:
         header = json.loads(raw.decode("utf-8"))
+    except RecursionError:
+        raise AdapterError(path, "header nests JSON too deeply; corrupt safetensors file") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise AdapterError(path, f"header is not valid JSON ({exc}); the file is corrupt or not "
                                  f"a safetensors file") from None
@@ -148,7 +150,7 @@ def read_safetensors_header(path: Path) -> Tuple[Dict[str, _TensorInfo], Dict[st
             raise AdapterError(path, f"tensor {name!r}: header entry needs dtype, shape and "
                                      f"data_offsets; corrupt safetensors file")
         code, shape, offs = e["dtype"], e["shape"], e["data_offsets"]
-        if code not in _ITEMSIZE:
+        if not isinstance(code, str) or code not in _ITEMSIZE:
             raise AdapterError(path, f"tensor {name!r}: unknown dtype {code!r}")
         if (not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape)
                 or not isinstance(offs, list) or len(offs) != 2
@@ -248,6 +250,12 @@ def _check_config(cfg: object, path: Path) -> dict:
             raise AdapterError(path, f"{key} must be an object mapping module patterns to "
                                      f"numbers, got {v!r}")
         for k, x in (v or {}).items():
+            try:
+                re.compile(rf"(.*\.)?({k})$")
+            except (re.error, RecursionError, OverflowError) as exc:
+                raise AdapterError(path, f"{key} key {k!r} is not a valid regular expression "
+                                         f"({exc}); PEFT matches these keys as regexes against "
+                                         f"module names") from None
             if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x) or (
                     key == "rank_pattern" and (not isinstance(x, int) or x <= 0)):
                 raise AdapterError(path, f"{key}[{k!r}] = {x!r} is not a valid "
@@ -287,13 +295,39 @@ def _check_config(cfg: object, path: Path) -> dict:
 # Adapter
 
 
+def _stamp(path: Path) -> tuple:
+    st = os.stat(path)
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
 class _Store:
     """A lazily memory-mapped safetensors file."""
 
-    def __init__(self, path: Path, tensors: Dict[str, _TensorInfo], size: int):
+    def __init__(self, path: Path, tensors: Dict[str, _TensorInfo], size: int,
+                 stamp: Optional[tuple] = None):
         self.path, self.tensors, self.size = path, tensors, size
+        self.stamp = stamp  # (device, inode, size, mtime_ns) when the header was read
         self._mm: Optional[mmap.mmap] = None
         self._flat: Optional[np.ndarray] = None
+
+    def verify(self) -> None:
+        """Raise :class:`AdapterError` when the file on disk is no longer the one whose header
+        was read (rewritten in place, truncated, replaced): reading a truncated memory map would
+        kill the process with SIGBUS, so callers check right before the kernels read it."""
+        if self.stamp is None:
+            return
+        try:
+            now = _stamp(self.path)
+        except FileNotFoundError:
+            raise AdapterFileNotFoundError(self.path, "file disappeared since it was opened "
+                                                      "(another process is rewriting the "
+                                                      "adapter?); rerun once it is done") from None
+        if now != self.stamp:
+            what = (f"size {self.stamp[2]} -> {now[2]} bytes" if now[2] != self.stamp[2]
+                    else "modified or replaced")
+            raise AdapterError(self.path, f"changed on disk since it was opened ({what}): "
+                                          f"another process rewrote it while this one reads it; "
+                                          f"rerun once the writer is done (nothing was written)")
 
     @property
     def is_open(self) -> bool:
@@ -518,6 +552,12 @@ class Adapter:
         return save_adapter(self, path, format=format, overwrite=overwrite, **options)
 
     # -- memory mapping ------------------------------------------------------------------
+    def verify_unchanged(self) -> None:
+        """Raise :class:`AdapterError` naming the file when the safetensors file changed on disk
+        since :func:`load_adapter` read its header (a no-op for in-memory adapters)."""
+        if self._store is not None and self._modules is None:
+            self._store.verify()
+
     @property
     def is_mapped(self) -> bool:
         """True while this adapter's weights file is memory-mapped."""
@@ -595,6 +635,8 @@ def load_adapter(path: os.PathLike, *, check_finite: bool = False) -> Adapter:
         cfg = json.loads(text)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise AdapterError(cpath, f"not valid JSON ({exc})") from None
+    except RecursionError:
+        raise AdapterError(cpath, "JSON nested too deeply to be a PEFT config") from None
     cfg = _check_config(cfg, cpath)
     tensors, meta, size = read_safetensors_header(wpath)
     keys: Dict[str, list] = {}
@@ -612,7 +654,11 @@ def load_adapter(path: os.PathLike, *, check_finite: bool = False) -> Adapter:
     if not keys:
         raise AdapterError(wpath, "holds no LoRA tensors")
     ad = Adapter(None, {}, cfg, path=path)
-    ad._store = _Store(wpath, tensors, size)
+    stamp = _stamp(wpath)
+    if stamp[2] != size:
+        raise AdapterError(wpath, f"changed size while being opened ({size} -> {stamp[2]} bytes): "
+                                  f"another process is writing it")
+    ad._store = _Store(wpath, tensors, size, stamp)
     # File order (sorted keys) keeps module streaming sequential on disk.
     for mod in sorted(keys, key=lambda k: tensors[keys[k][0] or keys[k][1]].start):
         ka, kb = keys[mod]
@@ -637,7 +683,7 @@ def load_adapter(path: os.PathLike, *, check_finite: bool = False) -> Adapter:
     if "metalora" in meta:
         try:
             ad.provenance = json.loads(meta["metalora"])
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             ad.provenance = None
     if check_finite:
         ad.check_finite()

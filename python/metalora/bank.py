@@ -67,6 +67,8 @@ def _read_manifest(path: Path) -> List[dict]:
             e = json.loads(line)
         except json.JSONDecodeError as exc:
             raise AdapterError(path, f"line {no}: not valid JSON ({exc.msg})") from None
+        except RecursionError:
+            raise AdapterError(path, f"line {no}: JSON nested too deeply") from None
         if not isinstance(e, dict) or "adapter" not in e or "id" not in e:
             raise AdapterError(path, f"line {no}: each line must be a JSON object with at least "
                                      f"'id' and 'adapter'")
@@ -75,6 +77,12 @@ def _read_manifest(path: Path) -> List[dict]:
         if e["id"] in seen:
             raise AdapterError(path, f"line {no}: id {e['id']!r} already used on line "
                                      f"{seen[e['id']]}")
+        for key in ("adapter", "dataset"):
+            v = e.get(key)
+            if (key == "adapter" or v is not None) and (not isinstance(v, str) or not v
+                                                        or "\0" in v):
+                raise AdapterError(path, f"line {no}: {key!r} must be a non-empty path string "
+                                         f"(relative to the manifest), got {v!r}")
         seen[e["id"]] = no
         e = dict(e)
         e["adapter"] = (path.parent / e["adapter"]).resolve()
@@ -498,6 +506,8 @@ def combine_adapters(bank_or_adapters, weights, *, mode: str = "svd", rank: Opti
 def _batch_views(ads: List[Adapter], batch: List[str]) -> dict:
     """``{module: (A_list, B_list)}`` views for one batch (a function, so that no stray local
     keeps a view, and hence the mapping, alive after the batch)."""
+    for a in ads:  # a file truncated under the map would be SIGBUS in the kernels: check first
+        a.verify_unchanged()
     mods = {}
     for m in batch:
         pairs = [a.factors(m) for a in ads]

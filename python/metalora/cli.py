@@ -200,8 +200,11 @@ def _cmd_bank_add(args: argparse.Namespace) -> int:
             f.write(new)
         try:
             bank = Bank(tmp)
-        except BankError as exc:
-            raise BankError(manifest, exc.problems) from None
+        except BankError as exc:  # name the bank, not the temporary copy
+            raise BankError(manifest, [p.replace(tmp, str(manifest)) for p in exc.problems]) \
+                from None
+        except (ValueError, OSError) as exc:
+            raise UserError(str(exc).replace(tmp, str(manifest))) from None
     finally:
         os.unlink(tmp)
     atomic_write(manifest, new)
@@ -248,7 +251,11 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     from .adapter import ADAPTER_CONFIG, load_adapter
     from .bank import Bank
 
+    from .writers import recover_directory
+
     path = Path(args.path)
+    for line in recover_directory(path):  # finish what a killed `generate --out PATH` left
+        print(f"metalora: {line}", file=sys.stderr)
     if not path.exists():
         raise UserError(f"{path}: no such adapter or bank")
     if path.is_dir() and (path / ADAPTER_CONFIG).exists():
@@ -337,6 +344,9 @@ def _cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+_THREADS_HELP = "threads (0 = all cores; more than the CPUs available are clamped to them)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .coefficients import OPERATORS
     from .distances import METRICS
@@ -380,7 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "coefficients (default 16; 'all' for every adapter, as in the paper)")
     p.add_argument("--tokenizer", metavar="FILE", help="base model's tokenizer.json (token distances)")
     p.add_argument("--n", type=int, help="subsample every dataset to n examples")
-    p.add_argument("--threads", type=int, default=0, help="threads (0 = all cores)")
+    p.add_argument("--threads", type=int, default=0, help=_THREADS_HELP)
     p.add_argument("--refine", action="store_true",
                    help="weigh the bank's adapters on the dataset's own examples with forward "
                    "passes of --model (no gradients; needs pip install 'metalora[refine]')")
@@ -433,7 +443,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "--distance (operator 'neural' of generate)")
     p.add_argument("--epochs", type=int, default=400, help="neural operator training epochs "
                    "(default 400)")
-    p.add_argument("--threads", type=int, default=0, help="threads (0 = all cores)")
+    p.add_argument("--threads", type=int, default=0, help=_THREADS_HELP)
     p.set_defaults(func=_cmd_bank_index)
 
     p = sub.add_parser("inspect", help="summarise an adapter or a bank",
@@ -461,7 +471,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--r", type=int, default=8, help="rank of each adapter (default 8)")
     p.add_argument("--layers", type=int, default=30, help="transformer layers (default 30)")
     p.add_argument("--mode", choices=list(MODES) + ["all"], default="all")
-    p.add_argument("--threads", type=int, default=0, help="threads (0 = all cores)")
+    p.add_argument("--threads", type=int, default=0, help=_THREADS_HELP)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_demo)
     return parser
@@ -479,14 +489,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.isa:
             set_isa(args.isa)
         return int(args.func(args) or 0)
-    except (UserError, ValueError, OSError, ImportError, OverflowError) as exc:
+    except BrokenPipeError:
+        # the reader went away (`metalora inspect ... | head`): not an error of ours; stop
+        # writing, and keep Python's exit-time flush from failing on the closed pipe
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        except (OSError, ValueError):
+            pass
+        return 0
+    except (UserError, ValueError, OSError, ImportError, OverflowError, MemoryError) as exc:
         # TypeError is not caught: it means a bug, and its traceback is what a report needs.
         from .bank import BankError
 
         text = str(exc)
         if isinstance(exc, BankError):  # every problem, not the message's first _MAX_LINES
             text = f"{exc.where}: {len(exc.problems)} problem(s) in the bank:\n" + "\n".join(exc.problems)
-        lines = [" ".join(line.split()) for line in text.splitlines() if line.strip()]
+        lines = [_cli_words(" ".join(line.split())) for line in text.splitlines() if line.strip()]
         print(f"metalora {args.command}: error: {lines[0] if lines else type(exc).__name__}",
               file=sys.stderr)
         for line in lines[1:]:
@@ -495,6 +514,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("metalora: interrupted", file=sys.stderr)
         return 130
+
+
+# The API's keyword arguments, as a CLI user knows them.
+_FLAGS = [("overwrite=True", "--overwrite"), ("top_k=", "--top-k "), ("threads=", "--threads "),
+          ("tokenizer=", "--tokenizer "), ("rank=", "--rank "), ("out=", "--out "),
+          ("tau=", "--tau ")]
+
+
+def _cli_words(line: str) -> str:
+    """An API message in the CLI's words: ``--overwrite`` rather than ``overwrite=True``."""
+    import re
+
+    for api, flag in _FLAGS:
+        line = re.sub(rf"(?<![\w.-]){re.escape(api)}", flag, line)
+    return line
 
 
 def _log_to_stderr() -> None:
@@ -509,6 +543,12 @@ def _log_to_stderr() -> None:
         h._metalora_cli = True  # type: ignore[attr-defined]
         log.addHandler(h)
         log.setLevel(logging.INFO)
+    import warnings
+
+    def show(message, category, filename, lineno, file=None, line=None):  # one line, no source
+        print(f"metalora: warning: {_cli_words(str(message))}", file=sys.stderr)
+
+    warnings.showwarning = show
 
 
 if __name__ == "__main__":

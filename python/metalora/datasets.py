@@ -201,8 +201,50 @@ def _check_what(what: str) -> None:
 
 # -- reading ------------------------------------------------------------------------------------
 
+#: the largest dataset file read (bytes); a task's examples are megabytes, not gigabytes.
+#: ``$METALORA_MAX_DATASET_BYTES`` raises it.
+MAX_DATASET_BYTES = 1 << 30
+#: the longest line of a JSONL file / cell of a CSV file (characters)
+MAX_LINE_CHARS = 16 << 20
+
+
+def _max_bytes() -> int:
+    env = os.environ.get("METALORA_MAX_DATASET_BYTES")
+    try:
+        return int(env) if env else MAX_DATASET_BYTES
+    except ValueError:
+        raise DatasetError(f"METALORA_MAX_DATASET_BYTES={env!r} is not a number of bytes") from None
+
+
+def _open_regular(path: Path):
+    """Open ``path`` for reading when it is a regular file of at most the size cap (a device
+    such as /dev/zero, a FIFO or a huge file would be read forever or exhaust memory)."""
+    import stat as _stat
+
+    try:
+        f = open(path, "rb")
+    except IsADirectoryError:
+        raise DatasetError(f"{path}: is a directory, expected a dataset file") from None
+    st = os.fstat(f.fileno())
+    if not _stat.S_ISREG(st.st_mode):
+        f.close()
+        raise DatasetError(f"{path}: not a regular file (a device, FIFO or socket); datasets are "
+                           f"read from files")
+    cap = _max_bytes()
+    if st.st_size > cap:
+        f.close()
+        raise DatasetError(f"{path}: {st.st_size} bytes exceeds the dataset size limit of {cap} "
+                           f"bytes; subsample the file, or raise METALORA_MAX_DATASET_BYTES")
+    return f, cap
+
+
 def _read_text(path: Path) -> str:
-    data = path.read_bytes()
+    f, cap = _open_regular(path)
+    with f:
+        data = f.read(cap + 1)
+    if len(data) > cap:  # grew while being read
+        raise DatasetError(f"{path}: more than {cap} bytes (the dataset size limit); raise "
+                           f"METALORA_MAX_DATASET_BYTES")
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
@@ -263,15 +305,22 @@ def _rows_jsonl(path: Path):
     for lineno, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
+        if len(line) > MAX_LINE_CHARS:
+            raise DatasetError(f"{path}: line {lineno} holds {len(line)} characters, more than "
+                               f"the limit of {MAX_LINE_CHARS} for one example")
         try:
             yield f"line {lineno}", json.loads(line)
         except json.JSONDecodeError as exc:
             raise DatasetError(f"{path}: line {lineno} is not valid JSON ({exc.msg})") from None
+        except RecursionError:
+            raise DatasetError(f"{path}: line {lineno} nests JSON too deeply") from None
 
 
 def _load_json(path: Path):
     try:
         return json.loads(_read_text(path))
+    except RecursionError:
+        raise DatasetError(f"{path}: JSON nested too deeply to be a dataset") from None
     except json.JSONDecodeError as exc:
         raise DatasetError(
             f"{path}: not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})"
@@ -280,12 +329,17 @@ def _load_json(path: Path):
 
 def _rows_csv(path: Path, delimiter: str):
     text = _read_text(path)
+    csv.field_size_limit(MAX_LINE_CHARS)
     reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
-    if reader.fieldnames is None:
-        return
-    for rowno, row in enumerate(reader, 1):
-        # line number of the row's first line (header is line 1; multi-line cells shift it)
-        yield f"row {rowno} (line {reader.line_num})", row
+    try:
+        if reader.fieldnames is None:
+            return
+        for rowno, row in enumerate(reader, 1):
+            # line number of the row's first line (header is line 1; multi-line cells shift it)
+            yield f"row {rowno} (line {reader.line_num})", row
+    except csv.Error as exc:
+        raise DatasetError(f"{path}: line {reader.line_num}: not valid "
+                           f"{'CSV' if delimiter == ',' else 'TSV'} ({exc})") from None
 
 
 def _rows_parquet(path: Path):
@@ -295,7 +349,11 @@ def _rows_parquet(path: Path):
         raise ImportError(
             f"reading {path} needs pyarrow (an optional dependency): pip install pyarrow"
         ) from None
-    table = pq.read_table(path)
+    _open_regular(path)[0].close()
+    try:
+        table = pq.read_table(path)
+    except (OSError, ValueError) as exc:  # pyarrow's ArrowInvalid is a ValueError
+        raise DatasetError(f"{path}: not a readable Parquet file ({exc})") from None
     for rowno, row in enumerate(table.to_pylist(), 1):
         yield f"row {rowno}", row
 

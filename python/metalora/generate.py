@@ -14,6 +14,7 @@ histograms under the base model's tokenizer (``tokenizer=``).
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +29,8 @@ from .coefficients import OPERATORS, coefficients
 from .datasets import Dataset, load_dataset
 from .distances import distances, get_metric
 
-__all__ = ["generate", "Generation", "query_distances"]
+__all__ = ["generate", "Generation", "query_distances", "check_out_path",
+           "check_degenerate", "MIN_DISTINCT_EXAMPLES"]
 
 
 @dataclass
@@ -128,8 +130,11 @@ def generate(dataset: Union[str, Path, Dataset], bank: Union[str, Path, Bank], *
                          f"model's tokenizer.json (or use an embedding metric such as 'sinkhorn')")
     if not isinstance(bank, Bank):
         bank = Bank(bank)
+    if out is not None:  # before any work: never into the bank, never over an adapter unasked
+        check_out_path(out, bank, dataset, overwrite=overwrite)
     if isinstance(dataset, (str, Path)):
         dataset = load_dataset(dataset)
+    degenerate = check_degenerate(dataset)
     from .writers import get_writer
 
     get_writer(format)
@@ -199,7 +204,9 @@ def generate(dataset: Union[str, Path, Dataset], bank: Union[str, Path, Bank], *
     prov = {"distance": distance, "distance_params": params, "operator": operator,
             "tau": tau_value, "tau_auto": tau == "auto",
             "dataset": {"source": None if dataset.source is None else str(dataset.source),
-                        "examples": len(dataset), "content_hash": dataset.content_hash()},
+                        "examples": len(dataset), "content_hash": dataset.content_hash(),
+                        "distinct_examples": degenerate["distinct"],
+                        **({"warning": degenerate["warning"]} if degenerate["warning"] else {})},
             "distances": {k: float(v) for k, v in zip(bank.ids, d)}, "timings_s": timings}
     if gen.demonstration:
         prov["demonstration_bank"] = True
@@ -234,6 +241,70 @@ def generate(dataset: Union[str, Path, Dataset], bank: Union[str, Path, Bank], *
         timings["write"] = time.perf_counter() - t
     adapter.generation = gen
     return adapter
+
+
+#: fewer distinct non-empty examples than this draw a warning (and a provenance note): a
+#: dataset distance compares two empirical distributions, and with a handful of points the
+#: sampling error of every metric is of the order of the differences between bank tasks (the
+#: bank's own datasets hold hundreds of examples each).
+MIN_DISTINCT_EXAMPLES = 8
+
+
+def check_degenerate(dataset: Dataset) -> dict:
+    """Refuse a dataset with no non-empty example (its signature would be that of the empty
+    string, identical for every such dataset); warn when it has fewer than
+    :data:`MIN_DISTINCT_EXAMPLES` distinct non-empty examples. Returns ``{"distinct": n,
+    "warning": text or None}`` for the provenance."""
+    import warnings
+
+    texts = dataset.texts()
+    distinct = {t for t in texts if t.strip()}
+    where = dataset.source or "the dataset"
+    if not distinct:
+        raise ValueError(f"{where}: every example is empty (only whitespace): there is nothing "
+                         f"to compare with the bank's datasets")
+    warning = None
+    if len(distinct) < MIN_DISTINCT_EXAMPLES:
+        warning = (f"{where}: only {len(distinct)} distinct non-empty example(s) of {len(texts)}; "
+                   f"distances from fewer than {MIN_DISTINCT_EXAMPLES} are dominated by sampling "
+                   f"noise, so the adapter chosen is unreliable (give more examples)")
+        warnings.warn(warning, RuntimeWarning, stacklevel=3)
+    return {"distinct": len(distinct), "warning": warning}
+
+
+def _inside(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+
+
+def check_out_path(out: Union[str, Path], bank: Bank, dataset: Any = None, *,
+                   overwrite: bool = False) -> None:
+    """Refuse an output path that is (or resolves, through symlinks, into) anything the run
+    reads: the bank's directory, a bank adapter's directory, a bank dataset or the dataset; and,
+    without ``overwrite``, one that already exists. Raises ValueError / FileExistsError."""
+    real = os.path.realpath(out)
+    protected = []
+    if bank.path is not None:
+        bp = Path(bank.path)
+        protected.append(("the bank", bp if bp.is_dir() else bp.parent))
+    for i, k in enumerate(bank.ids):
+        if bank[i].path is not None:
+            protected.append((f"bank adapter {k!r}", Path(bank[i].path)))
+        ds = bank.dataset_path(k)
+        if ds is not None:
+            protected.append((f"the dataset of bank adapter {k!r}", Path(ds)))
+    if isinstance(dataset, (str, Path)):
+        protected.append(("the dataset", Path(dataset)))
+    elif isinstance(dataset, Dataset) and dataset.source is not None:
+        protected.append(("the dataset", Path(dataset.source)))
+    for what, p in protected:
+        root = os.path.realpath(p)
+        if _inside(real, root):
+            raise ValueError(f"out={str(out)!r} is inside {what} ({root}), which this run reads; "
+                             f"nothing in a bank is ever modified: choose an output path outside "
+                             f"it")
+    if not overwrite and os.path.lexists(out):
+        raise FileExistsError(f"{Path(out).absolute()}: already exists; pass overwrite=True to "
+                              f"replace it, or choose another path")
 
 
 def _is_demo(path: Union[str, Path]) -> bool:

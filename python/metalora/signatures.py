@@ -24,7 +24,7 @@ from typing import Any, Dict, Optional, Sequence, Union
 
 import numpy as np
 
-from ._io import atomic_write
+from ._io import atomic_write, pid_alive, temp_owner
 from .datasets import Dataset, load_dataset
 from .tokens import TokenSignature, load_tokenizer, token_signature
 
@@ -89,7 +89,7 @@ class SignatureCache:
         try:
             with np.load(p, allow_pickle=False) as z:
                 arrays = {k: z[k] for k in z.files}
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             self.misses += 1
             return None
         except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
@@ -98,27 +98,57 @@ class SignatureCache:
             self.misses += 1
             return None
         meta = arrays.get("__key__")
+        problem = None
         if meta is None or bytes(meta).decode("ascii", "replace") != key:
-            warnings.warn(f"signature cache file {p} does not hold key {key}; recomputing",
-                          RuntimeWarning, stacklevel=2)
-            self.misses += 1
+            problem = f"does not hold key {key}"
+        elif "__sum__" not in arrays:
+            problem = "has no checksum (written by an older metalora, or not by metalora)"
+        else:
+            stored = bytes(arrays.pop("__sum__")).decode("ascii", "replace")
+            arrays.pop("__key__", None)
+            if stored != _checksum(key, {k: v for k, v in arrays.items() if k != "__meta__"}):
+                problem = "fails its checksum (corrupt or modified)"
+        if problem is not None:
+            self.discard(key, problem)
             return None
         self.hits += 1
-        arrays.pop("__key__", None)
         return arrays
+
+    def discard(self, key: str, problem: str) -> None:
+        """Report a bad entry (a RuntimeWarning naming the file and ``problem``), remove it and
+        count a miss: the caller recomputes it."""
+        p = self.path(key)
+        warnings.warn(f"signature cache file {p} {problem}; removed, recomputing",
+                      RuntimeWarning, stacklevel=3)
+        try:
+            p.unlink()
+        except OSError:
+            pass
+        self.misses += 1
 
     def store(self, key: str, arrays: Dict[str, np.ndarray],
               meta: Optional[Dict[str, Any]] = None) -> Path:
         """Write ``arrays`` under ``key`` atomically (temporary file in the same folder + rename)."""
         p = self.path(key)
-        self.directory.mkdir(parents=True, exist_ok=True)
         payload = {k: np.asarray(v) for k, v in arrays.items()}
-        if "__key__" in payload or "__meta__" in payload:
-            raise ValueError("array names __key__ and __meta__ are reserved")
+        if {"__key__", "__meta__", "__sum__"} & set(payload):
+            raise ValueError("array names __key__, __meta__ and __sum__ are reserved")
+        payload["__sum__"] = np.frombuffer(_checksum(key, payload).encode("ascii"), np.uint8)
         payload["__key__"] = np.frombuffer(key.encode("ascii"), np.uint8)
         payload["__meta__"] = np.frombuffer(
             json.dumps(meta or {}, sort_keys=True, default=str).encode("utf-8"), np.uint8)
-        atomic_write(p, lambda f: np.savez(f, **payload))
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            atomic_write(p, lambda f: np.savez(f, **payload))
+        except OSError as exc:  # unwritable: the job goes on without caching, said once
+            d = str(self.directory.absolute())
+            if d not in _UNWRITABLE:
+                _UNWRITABLE.add(d)
+                why = exc.strerror or exc
+                warnings.warn(f"signature cache directory {d} is not writable ({why}); running "
+                              f"without caching (set METALORA_CACHE_DIR to a writable "
+                              f"directory)", RuntimeWarning, stacklevel=2)
+            return None
         return p
 
     def meta(self, key: str) -> Dict[str, Any]:
@@ -131,10 +161,48 @@ class SignatureCache:
         n = 0
         if self.directory.is_dir():
             for f in self.directory.iterdir():
+                if f.suffix == ".tmp":  # another process's file being written: leave it
+                    owner = temp_owner(f.name)
+                    if owner is not None and pid_alive(owner):
+                        continue
                 if f.suffix == ".npz" or f.suffix == ".tmp":
                     f.unlink(missing_ok=True)
                     n += 1
         return n
+
+
+_UNWRITABLE: set = set()  # cache directories already reported as unwritable
+
+
+def _checksum(key: str, arrays: Dict[str, np.ndarray]) -> str:
+    """sha256 of the key and of every array's name, dtype, shape and bytes (sorted by name)."""
+    h = hashlib.sha256(key.encode("ascii"))
+    for name in sorted(arrays):
+        a = np.ascontiguousarray(arrays[name])
+        h.update(f"\0{name}\0{a.dtype.str}\0{a.shape}\0".encode("utf-8"))
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def _valid_points(x: Any, n: int) -> Optional[str]:
+    if not isinstance(x, np.ndarray) or x.ndim != 2 or x.dtype != np.float32:
+        return "does not hold a 2-D float32 point cloud"
+    if x.shape[0] != n or x.shape[1] == 0:
+        return f"holds {x.shape[0]} x {x.shape[1]} points, expected {n} rows"
+    if not np.isfinite(x).all():
+        return "holds NaN or Inf points"
+    return None
+
+
+def _valid_tokens(hit: dict, n: int) -> Optional[str]:
+    ids, off, v = hit["ids"], hit["offsets"], hit["vocab_size"]
+    if (ids.ndim != 1 or off.ndim != 1 or not np.issubdtype(ids.dtype, np.integer)
+            or not np.issubdtype(off.dtype, np.integer) or v.shape != () or off.shape[0] != n + 1):
+        return "does not hold a token signature of this dataset"
+    if off[0] != 0 or off[-1] != ids.shape[0] or np.any(np.diff(off) < 0) or int(v) <= 0 or (
+            ids.size and (ids.min() < 0 or ids.max() >= int(v))):
+        return "holds inconsistent token ids or offsets"
+    return None
 
 
 def _resolve_cache(cache) -> Optional[SignatureCache]:
@@ -206,8 +274,11 @@ def signature(data, *, kind: str = "embedding", embedder=None, tokenizer=None,
         key = SignatureCache.key(**key_parts)
         if store is not None:
             hit = store.load(key)
-            if hit is not None and "points" in hit:
-                return hit["points"]
+            if hit is not None:
+                bad = _valid_points(hit.get("points"), len(ds))
+                if bad is None:
+                    return hit["points"]
+                store.discard(key, bad)
         points = embedder.embed(ds.texts(what, template))
         if store is not None:
             store.store(key, {"points": points},
@@ -222,7 +293,13 @@ def signature(data, *, kind: str = "embedding", embedder=None, tokenizer=None,
     key = SignatureCache.key(**key_parts)
     if store is not None:
         hit = store.load(key)
-        if hit is not None and {"ids", "offsets", "vocab_size"} <= set(hit):
+        bad = None
+        if hit is not None:
+            bad = ("does not hold a token signature" if not {"ids", "offsets", "vocab_size"}
+                   <= set(hit) else _valid_tokens(hit, len(ds)))
+            if bad is not None:
+                store.discard(key, bad)
+        if hit is not None and bad is None:
             return TokenSignature(ids=hit["ids"], offsets=hit["offsets"],
                                   vocab_size=int(hit["vocab_size"]), tokenizer_id=tid)
     sig = token_signature(ds.texts(what, template), tok, add_special_tokens=add_special_tokens)

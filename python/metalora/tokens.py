@@ -108,7 +108,13 @@ def load_tokenizer(tokenizer, *, max_length: Optional[int] = None):
         if not p.is_file():
             raise FileNotFoundError(f"tokenizer.json not found: {p}")
         data = p.read_bytes()
-    tok = Tokenizer.from_str(data.decode("utf-8"))
+    try:
+        tok = Tokenizer.from_str(data.decode("utf-8"))
+    except Exception as exc:  # tokenizers raises a bare Exception; bad UTF-8 a UnicodeError
+        where = "the tokenizer given" if isinstance(tokenizer, Tokenizer) else str(p)
+        first = (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise ValueError(f"{where}: not a valid tokenizer.json ({first}); give the base "
+                         f"model's tokenizer.json (a Hugging Face tokenizers file)") from None
     tok.no_padding()
     if max_length is None:
         tok.no_truncation()

@@ -38,7 +38,7 @@ from .._arrays import OUT_DTYPES, all_finite, as_kernel_array, to_out_dtype
 from .._io import check_threads, positive_int
 from .modes import MODES, Mode, ModuleJob, get_mode, register
 
-__all__ = ["combine", "combine_modules", "check_options", "MODES", "Mode", "register", "get_mode"]
+__all__ = ["combine", "combine_modules", "check_options", "estimate_bytes", "available_memory", "MODES", "Mode", "register", "get_mode"]
 
 ArrayLike = object
 Scalings = Union[Sequence[float], Mapping[str, Sequence[float]], None]
@@ -131,7 +131,76 @@ def check_options(mode: object, rank: object, out_dtype: object, threads: object
     return m
 
 
+def estimate_bytes(jobs: list, mode: Mode) -> int:
+    """Memory a combine call allocates for ``jobs`` (outputs plus, for ``svd``, the float64
+    ``R x R`` Grams and the batched small dense step's temporaries, about 8 of them per module,
+    R = the sum of the used adapters' ranks)."""
+    total = 0
+    for j in jobs:
+        R = int(sum(j.ranks))
+        r = R if mode.name == "cat" else max(j.ranks) if mode.name == "linear" else R
+        if mode.name == "svd":
+            total += 8 * 8 * R * R + 4 * min(R, j.rank or R) * (j.n_in + j.n_out)
+        else:
+            total += 4 * r * (j.n_in + j.n_out)
+    return total
+
+
+def available_memory() -> Optional[int]:
+    """Bytes this process can still allocate: ``MemAvailable`` of /proc/meminfo, or the cgroup
+    limit less its usage when lower; ``$METALORA_MEMORY_LIMIT`` (bytes) overrides. None where
+    unknown (then nothing is refused)."""
+    import os
+
+    env = os.environ.get("METALORA_MEMORY_LIMIT")
+    if env:
+        try:
+            return int(env)
+        except ValueError:
+            raise ValueError(f"METALORA_MEMORY_LIMIT={env!r} is not a number of bytes") from None
+    best = None
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    best = int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        with open("/sys/fs/cgroup/memory.max", encoding="ascii") as f:
+            lim = f.read().strip()
+        with open("/sys/fs/cgroup/memory.current", encoding="ascii") as f:
+            cur = int(f.read().strip())
+        if lim != "max":
+            left = int(lim) - cur
+            best = left if best is None else min(best, left)
+    except (OSError, ValueError):
+        pass
+    return best
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**27 else f"{n / 2**20:.0f} MiB"
+
+
+def check_memory(jobs: list, mode: Mode) -> None:
+    """Refuse, before allocating, a call that needs more memory than is available."""
+    need = estimate_bytes(jobs, mode)
+    if need < 2**28:  # under 256 MiB: never worth a refusal
+        return
+    have = available_memory()
+    if have is not None and need > 0.9 * have:
+        R = max(int(sum(j.ranks)) for j in jobs)
+        K = max(len(j.ranks) for j in jobs)
+        raise MemoryError(
+            f"combine mode={mode.name!r} of {K} adapters (summed rank up to {R}, {len(jobs)} "
+            f"modules) needs about {_gib(need)} but only {_gib(have)} is available: keep fewer "
+            f"adapters (top_k=, --top-k; the svd cost grows with the square of the summed rank), "
+            f"or use mode='linear'")
+
+
 def _execute(jobs: list, mode: Mode, threads: int) -> None:
+    check_memory(jobs, mode)
     mode.run(jobs, threads)
     for job in jobs:
         check_finite_outputs(job)
@@ -200,7 +269,7 @@ def combine(A: Sequence[ArrayLike], B: Sequence[ArrayLike], weights: Sequence[fl
     w = _floats(weights, K, "weights")
     s = _floats(np.ones(K) if scalings is None else scalings, K, "scalings")
     job = _prepare("", A, B, w, s, m, rank)
-    _execute([job], m, int(threads))
+    _execute([job], m, check_threads(threads))
     A_new = to_out_dtype(job.out["A"], out_dtype, "A_new")
     B_new = to_out_dtype(job.out["B"], out_dtype, "B_new")
     if log:
@@ -256,7 +325,7 @@ def combine_modules(modules: Mapping[str, tuple], weights: Sequence[float], *,
         else:
             s = _floats(np.ones(K) if scalings is None else scalings, K, "scalings")
         jobs.append(_prepare(name, pair[0], pair[1], w, s, m, rank))
-    _execute(jobs, m, int(threads))
+    _execute(jobs, m, check_threads(threads))
     result = {j.name: (to_out_dtype(j.out["A"], out_dtype, f"{j.name}: A_new"),
                        to_out_dtype(j.out["B"], out_dtype, f"{j.name}: B_new")) for j in jobs}
     if log:

@@ -25,10 +25,21 @@ def _matrix(m: Metric, rows: list, cols: Optional[list], options: dict, threads:
     options = {**m.defaults, **options}
     if m.bank is not None:
         if row_range is None:
-            return m.bank(rows, cols, options, threads, progress)
-        return m.bank(rows, cols, options, threads, progress, row_range=row_range)
-    return pair_block(m.bind(options), rows, cols, symmetric=m.symmetric, threads=threads,
-                      progress=progress, desc=m.name, row_range=row_range)
+            D = m.bank(rows, cols, options, threads, progress)
+        else:
+            D = m.bank(rows, cols, options, threads, progress, row_range=row_range)
+    else:
+        D = pair_block(m.bind(options), rows, cols, symmetric=m.symmetric, threads=threads,
+                       progress=progress, desc=m.name, row_range=row_range)
+    # a distance is never NaN without an error (a row block leaves the rows it skips NaN)
+    bad = np.argwhere(np.isnan(D)) if row_range is None else np.empty((0, 2), int)
+    if bad.size:
+        i, j = (int(v) for v in bad[0])
+        raise ValueError(f"{m.name}: {len(bad)} distance(s) are NaN (first: row {i}, "
+                                 f"column {j}) with options {options}; check the signatures "
+                                 f"for degenerate data, or change the options (e.g. a larger "
+                                 f"eps)")
+    return D
 
 
 def distances(query: Any, bank_signatures: Sequence[Any], *, metric: str, threads: int = 0,

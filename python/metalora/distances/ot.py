@@ -66,6 +66,24 @@ def cost_matrix(X: Any, Y: Any = None, *, metric: str = "sqeuclidean", out: np.n
 # Sinkhorn
 
 
+def check_eps(eps: float, X: np.ndarray, Y: np.ndarray) -> None:
+    """Refuse an ``eps`` the points' dtype cannot carry: below its smallest normal number, or so
+    small that a cost over ``eps`` overflows it (the log-domain updates divide the costs by
+    ``eps``; an overflow there turns every potential into NaN)."""
+    fi = np.finfo(np.result_type(X.dtype, Y.dtype, np.float32))
+    scale = 1.0
+    if X.size and Y.size:  # bound on the squared-Euclidean cost of the centred points
+        rx = float(np.sqrt(np.max(np.einsum("ij,ij->i", X, X, dtype=np.float64))))
+        ry = float(np.sqrt(np.max(np.einsum("ij,ij->i", Y, Y, dtype=np.float64))))
+        scale = max(1.0, (rx + ry) ** 2)
+    if eps < float(fi.tiny) or scale / eps > float(fi.max) * 1e-3:
+        raise ValueError(f"eps={eps:g} cannot be represented in the {fi.dtype} arithmetic of "
+                         f"these points (costs up to {scale:.3g} divided by eps overflow, or eps "
+                         f"is below {float(fi.tiny):.3g}); use eps >= "
+                         f"{max(float(fi.tiny), scale / (float(fi.max) * 1e-3)):.3g}, or float64 "
+                         f"points")
+
+
 def sinkhorn_divergence(X: Any, Y: Any, *, eps: float = 0.05, a: Any = None, b: Any = None,
                         max_iter: int = 1000, tol: float = 1e-3, scaling: float = 0.5,
                         cost: str = "sqeuclidean", debias: bool = True, updates: str = "alternate",
@@ -158,6 +176,7 @@ def sinkhorn_divergence(X: Any, Y: Any, *, eps: float = 0.05, a: Any = None, b: 
     """
     X, Y = as_cloud_pair(X, Y)
     eps = check_positive(eps, "eps")
+    check_eps(eps, X, Y)
     tol = check_positive(tol, "tol")
     scaling = float(scaling)
     if not 0.0 < scaling < 1.0:
@@ -178,6 +197,9 @@ def sinkhorn_divergence(X: Any, Y: Any, *, eps: float = 0.05, a: Any = None, b: 
     r = _core.dist_sinkhorn(X, Y, a, b, eps, scaling, tol, max_iter, bool(debias), COSTS[cost],
                             check_threads(threads), updates == "symmetric" or same, relax)
     value = r["ot_xy"] - 0.5 * (r["ot_xx"] + r["ot_yy"]) if debias else r["ot_xy"]
+    if not np.isfinite(value):
+        raise ValueError(f"sinkhorn_divergence: the solve gave {value} at eps={eps:g} in "
+                                 f"{X.dtype}; raise eps (or pass float64 points)")
     errs = [r["err_xy"]] + ([r["err_xx"], r["err_yy"]] if debias else [])
     info = dict(r)
     info["marginal_error"] = max(errs)

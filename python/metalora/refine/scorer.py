@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING, List, Protocol, Sequence, Tuple
 
 import numpy as np
 
+from .._io import check_threads
+
 if TYPE_CHECKING:  # pragma: no cover
     from ..adapter import Adapter
     from ..bank import Bank
@@ -169,7 +171,7 @@ class TorchScorer:
         import torch
 
         if threads:
-            torch.set_num_threads(int(threads))
+            torch.set_num_threads(check_threads(threads))
         check_model_matches_bank(model, bank)
         self.model, self.tok = model, tokenizer
         self.dtype = next(model.parameters()).dtype
