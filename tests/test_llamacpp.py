@@ -63,6 +63,7 @@ def _prompts():
 
 @pytest.fixture(scope="module")
 def engines(tmp_path_factory):
+    import llama_cpp
     import torch
     from llama_cpp import Llama
     from peft import PeftModel
@@ -77,7 +78,8 @@ def engines(tmp_path_factory):
     adapter = combine_adapters(bank, MIX, mode="svd", rank=8)
     q_only = metalora.Adapter({m: adapter.factors(m) for m in adapter.names if "q_proj" in m},
                               {m: adapter.scalings[m] for m in adapter.names if "q_proj" in m},
-                              adapter.config)
+                              {**adapter.config, "target_modules": [m for m in adapter.names
+                                                                    if "q_proj" in m]})
     files = {"qv": adapter.save(tmp / "qv.gguf", format="gguf", base=GGUF_BASE),
              "q": q_only.save(tmp / "q.gguf", format="gguf", base=GGUF_BASE)}
     from metalora.writers import gguf as gw
@@ -91,7 +93,7 @@ def engines(tmp_path_factory):
     model, tok = load_model(GGUF_BASE)
     torch.set_num_threads(2)
     prompts = _prompts()
-    ids = [tok(p, add_special_tokens=False)["input_ids"][-96:] for p in prompts]
+    ids = [tok(p, add_special_tokens=False)["input_ids"][-64:] for p in prompts]
 
     def torch_logits(m):
         with torch.no_grad():
@@ -110,7 +112,9 @@ def engines(tmp_path_factory):
         for t in ids:
             llm.reset()
             llm.eval(t)
-            rows.append(np.array(llm.scores[llm.n_tokens - 1], dtype=np.float64))
+            # the last position's logits (llm.scores holds them only with logits_all=True)
+            row = llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1)
+            rows.append(np.ctypeslib.as_array(row, shape=(llm.n_vocab(),)).astype(np.float64))
         del llm
         return np.stack(rows)
 
