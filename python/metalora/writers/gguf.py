@@ -232,6 +232,10 @@ def _plan(adapter: "Adapter", base: GGUFBase):
             heads = base.n_head
         elif arch in PERMUTED_QK and kind == gguf.MODEL_TENSOR.ATTN_K:
             heads = base.n_head_kv
+        if kind in (gguf.MODEL_TENSOR.ATTN_Q, gguf.MODEL_TENSOR.ATTN_K) and arch in PERMUTED_QK \
+                and heads <= 0:
+            raise GGUFError(f"module {m!r}: the base {base.source} gives no attention head "
+                            f"count, which the q/k row order needs")
         if heads and n_out % (2 * heads):
             raise GGUFError(f"module {m!r}: {n_out} output rows do not split into {heads} heads "
                             f"of an even size; the base config's head counts do not fit it")
