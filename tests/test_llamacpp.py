@@ -11,13 +11,15 @@ Tolerance. The engines differ in the base weights' arithmetic only: llama.cpp mu
 weights by activations rounded to 8 bits (Q8_1 blocks of 32, relative step ~1/127 of the block
 maximum) where torch uses the dequantised weights in float32; the LoRA factors are float32 in
 both. That noise enters both runs of an engine alike and mostly cancels in ``delta``; what is
-left perturbs the adapter's effect by a few per cent (measured here: correlation of deltas
-0.99x, see the numbers printed with ``-s``). So the check asks for a Pearson correlation of the
-deltas of at least 0.9 on every prompt and the same top-1 token in both engines with the adapter
-on at least 90 % of the prompts (the base models alone agree on about as many: argmax ties are
-the rest). The same adapter written without llama.cpp's q row order (transformers' order, as a
-naive converter would write it) must fail that check: its q update lands on the wrong RoPE
-pairs, and the correlation of a q-only adapter's deltas falls far below 0.9.
+left perturbs the adapter's effect by a few per cent. Measured here (``-s`` prints it): base
+logits correlate >= 0.998 with top-1 agreement 1.00; the q+v adapter's deltas correlate
+0.998-0.999 (relative error 3 %), top-1 with the adapter 1.00; the q-only adapter 0.997-0.998
+(4 %), top-1 0.91 (the flips are near-ties of the two best tokens). So the check asks for a
+Pearson correlation of the deltas of at least 0.9 on every prompt and the same top-1 token on
+at least 85 % of the prompts. The same q adapter written without llama.cpp's q row order
+(transformers' order, as a naive converter would write it) loads without complaint and must
+fail that check on every prompt: its q update lands on the wrong RoPE pairs (measured:
+correlation 0.51-0.78, median 0.67, relative error 54 %, top-1 0.06).
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ if GGUF_BASE is None or real.default_bank() is None:
 MIX = {"ni004_mctaco_answer_duration": 0.5, "ni016_mctaco_answer_frequency": 0.3,
        "ni010_mctaco_answer_ordering": 0.2}
 N_PROMPTS = 32
-MIN_CORR, MIN_TOP1 = 0.9, 0.9
+MIN_CORR, MIN_TOP1 = 0.9, 0.85
 
 
 def _prompts():
@@ -164,7 +166,7 @@ def test_unpermuted_q_adapter_fails_the_same_check(engines):
     corr, rel, top1 = agreement(engines, "q_unpermuted", ref="q")
     _report("q adapter without llama.cpp's row order (control)", corr, rel, top1)
     assert not (corr.min() >= MIN_CORR and top1 >= MIN_TOP1)
-    assert np.median(corr) < 0.5
+    assert corr.max() < MIN_CORR and top1 < 0.5  # every prompt fails, not just a few
 
 
 NO_TORCH = r'''
