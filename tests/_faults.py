@@ -20,6 +20,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+#: the folder holding the metalora the tests import (the installed wheel in CI, python/ in a
+#: development build): subprocesses must run that one, not the source tree without its _core
+METALORA_PATH = str(Path(__import__("metalora").__file__).resolve().parents[1])
 
 
 def tree_digest(root: Path) -> dict:
@@ -32,7 +35,7 @@ def tree_digest(root: Path) -> dict:
 
 
 def _env(cache: Path) -> dict:
-    py = str(ROOT / "python")
+    py = METALORA_PATH
     return dict(os.environ, METALORA_CACHE_DIR=str(cache),
                 PYTHONPATH=py + os.pathsep + os.environ.get("PYTHONPATH", ""))
 

@@ -23,6 +23,7 @@ from _bank_helpers import base_config, make_bank, random_factors, tree_checksums
 
 OWN = frozenset({"adapter_config.json", "adapter_model.safetensors", "metalora.json"})
 ROOT = Path(__file__).resolve().parents[1]
+METALORA_PATH = str(Path(metalora.__file__).resolve().parents[1])  # the metalora under test
 
 
 def _fill(text):
@@ -32,7 +33,7 @@ def _fill(text):
 
 
 def _run_py(code: str, timeout: float = 120, **env) -> subprocess.CompletedProcess:
-    e = dict(os.environ, PYTHONPATH=str(ROOT / "python") + os.pathsep + str(ROOT / "tests"),
+    e = dict(os.environ, PYTHONPATH=METALORA_PATH + os.pathsep + str(ROOT / "tests"),
              **env)
     return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
                           text=True, timeout=timeout, env=e)
@@ -112,7 +113,7 @@ def test_concurrent_publishers_exactly_one_wins(tmp_path, exchange):
     for trial in range(3):
         out = tmp_path / f"out{trial}"
         go = time.time() + 1.5
-        env = dict(os.environ, PYTHONPATH=str(ROOT / "python"))
+        env = dict(os.environ, PYTHONPATH=METALORA_PATH)
         procs = [subprocess.Popen([sys.executable, "-c", textwrap.dedent(code), str(go), tag,
                                    str(out)], stdout=subprocess.PIPE, text=True, env=env)
                  for tag in ("A", "B")]
@@ -473,7 +474,7 @@ def test_bank_add_errors_name_the_bank_not_its_temporary(tmp_path, capsys):
 
 def test_inspect_into_a_closed_pipe_exits_quietly(tmp_path):
     bank, _ = make_bank(tmp_path / "b", n=40, manifest=True)
-    env = dict(os.environ, PYTHONPATH=str(ROOT / "python"))
+    env = dict(os.environ, PYTHONPATH=METALORA_PATH)
     r = subprocess.run(f"{sys.executable} -m metalora inspect {bank} | head -c 10 >/dev/null; "
                        f"echo ${{PIPESTATUS[0]}}", shell=True, executable="/bin/bash",
                        capture_output=True, text=True, env=env)
