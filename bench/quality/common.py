@@ -4,30 +4,76 @@ Data flow of the benchmark: ``prepare_model.py`` (SmolLM2-135M-Instruct, GGUF ->
 ``prepare_tasks.py`` (BIG-bench tasks -> ``tasks/<id>/{train,validation,test}.jsonl``) ->
 ``train_bank.py`` (one PEFT LoRA per task -> ``bank/``) -> ``evaluate.py`` (leave-one-out
 generation + scoring -> ``results/results.csv``) -> ``report.py`` (``summary.md`` and plots).
+
+Two settings (:data:`SETTINGS`), each with its own prompt format, token limit, bank and results
+folders: ``plain`` (the input alone; ``bank/``, ``extra/``, ``results/``) and ``instructed`` (the
+task's instruction before the input, as in the paper's Natural-Instructions prompts;
+``bank_instructed/``, ``extra_instructed/``, ``results_instructed/``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
+from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
-from typing import Dict, List
+from typing import Callable, Dict, List, Optional
 
 HERE = Path(__file__).resolve().parent
 TASKS_DIR = HERE / "tasks"
-BANK_DIR = HERE / "bank"            # the committed bank (bank.jsonl + one PEFT dir per task)
-EXTRA_DIR = HERE / "extra"          # trained LoRAs of the held-out extra tasks (not in the bank)
-RESULTS_DIR = HERE / "results"
+RESULTS_DIR = HERE / "results"      # the plain setting's results and the summary of both
 CACHE_DIR = Path(os.environ.get("METALORA_QUALITY_CACHE", HERE.parent / ".cache" / "quality"))
 MODEL_DIR = CACHE_DIR / "smollm2-135m-instruct"
 SPLITS = ("train", "validation", "test")
 
-# Training / evaluation format: plain "input\n" -> "output<eos>", no chat template and no task
-# instruction: what the task is must come from the adapter (as in the paper's setup).
-SEPARATOR = "\n"
-MAX_TOKENS = 80          # prompt + target, prompt truncated from the left
 MAX_TARGET_TOKENS = 32   # longer targets are cut (rare after the task selection)
+
+
+def plain_prompt(text: str, instruction: Optional[str]) -> str:
+    """``input\n``: no chat template and no instruction; what the task is must come from the
+    adapter."""
+    return text + "\n"
+
+
+def instructed_prompt(text: str, instruction: Optional[str]) -> str:
+    """The task's instruction, then the input, in the Natural-Instructions layout (no chat
+    template); a task without an instruction gets the same layout without it."""
+    head = f"{instruction}\n\n" if instruction else ""
+    return f"{head}Input: {text}\nOutput:\n"
+
+
+@dataclass(frozen=True)
+class Setting:
+    """A prompt format and the folders of the bank trained and evaluated with it."""
+
+    name: str
+    prompt: Callable[[str, Optional[str]], str]   # (input, task instruction) -> prompt text
+    max_tokens: int                               # prompt + target; the prompt is cut from the left
+    suffix: str = ""
+
+    @property
+    def bank_dir(self) -> Path:
+        return HERE / f"bank{self.suffix}"
+
+    @property
+    def extra_dir(self) -> Path:      # trained LoRAs of the extra tasks (not in the bank)
+        return HERE / f"extra{self.suffix}"
+
+    @property
+    def results_dir(self) -> Path:
+        return HERE / f"results{self.suffix}"
+
+
+# Output format in both: the target + <|im_end|>. plain: 80 tokens (the committed bank's limit).
+# instructed: 768 tokens, above the longest stored example (707 tokens, question typing, whose
+# instruction alone is 635); median 144 tokens, 95th percentile 334 (the stored train splits).
+SETTINGS: Dict[str, Setting] = {
+    "plain": Setting("plain", plain_prompt, 80),
+    "instructed": Setting("instructed", instructed_prompt, 768, "_instructed"),
+}
 
 
 def load_split(task: str, split: str, tasks_dir: Path = TASKS_DIR) -> List[Dict]:
@@ -39,10 +85,24 @@ def load_split(task: str, split: str, tasks_dir: Path = TASKS_DIR) -> List[Dict]
         return [json.loads(line) for line in f if line.strip()]
 
 
+@lru_cache(maxsize=None)
+def _index(tasks_dir: Path) -> Dict[str, dict]:
+    return {t["id"]: t for t in json.loads((tasks_dir / "index.json").read_text())["tasks"]}
+
+
 def task_ids(tasks_dir: Path = TASKS_DIR, role: str = "bank") -> List[str]:
     """Task ids of ``role`` ("bank" or "extra") from ``tasks/index.json``."""
-    index = json.loads((tasks_dir / "index.json").read_text())
-    return [t["id"] for t in index["tasks"] if t["role"] == role]
+    return [t for t, info in _index(tasks_dir).items() if info["role"] == role]
+
+
+def instruction(task: str, tasks_dir: Path = TASKS_DIR) -> Optional[str]:
+    """The stored task's instruction (``tasks/index.json``; None when its source has none)."""
+    return _index(tasks_dir)[task].get("instruction")
+
+
+def task_seed(task: str) -> int:
+    """A training seed from the task id alone, so that one adapter can be rebuilt on its own."""
+    return int.from_bytes(hashlib.sha256(f"lora:{task}".encode()).digest()[:4], "little")
 
 
 def references(row: Dict) -> List[str]:
@@ -88,16 +148,16 @@ def normalise(text: str) -> str:
     return " ".join(_WORD.findall(text.lower()))
 
 
-def encode(tok, text_in: str, text_out: str):
-    """Token ids of the prompt and of the target (+ eos), cut to the benchmark's limits.
+def encode(tok, row: Dict, setting: Setting, instruction: Optional[str] = None):
+    """Token ids of the prompt and of the target (+ eos) of ``row`` in ``setting``, cut to its limits.
 
     The prompt is tokenized on its own so that generation starts exactly where training's
-    targets start; it is cut from the left when prompt + target exceed :data:`MAX_TOKENS`.
+    targets start; it is cut from the left when prompt + target exceed ``setting.max_tokens``.
     """
-    target = tok(text_out, add_special_tokens=False).input_ids[:MAX_TARGET_TOKENS - 1]
+    target = tok(row["output"], add_special_tokens=False).input_ids[:MAX_TARGET_TOKENS - 1]
     target = target + [tok.eos_token_id]
-    prompt = tok(text_in + SEPARATOR, add_special_tokens=False).input_ids
-    prompt = prompt[-(MAX_TOKENS - len(target)):]
+    prompt = tok(setting.prompt(row["input"], instruction), add_special_tokens=False).input_ids
+    prompt = prompt[-(setting.max_tokens - len(target)):]
     return prompt, target
 
 
