@@ -86,24 +86,23 @@ def load_split(task: str, split: str, tasks_dir: Path = TASKS_DIR) -> List[Dict]
 
 
 @lru_cache(maxsize=None)
-def _index(tasks_dir: Path) -> Dict[str, dict]:
-    return {t["id"]: t for t in json.loads((tasks_dir / "index.json").read_text())["tasks"]}
+def _index(tasks_dir: Path) -> dict:
+    return json.loads((tasks_dir / "index.json").read_text())
 
 
-@lru_cache(maxsize=None)
 def canary(tasks_dir: Path = TASKS_DIR) -> str:
     """BIG-bench's canary string, for every file that stores (or scores) its examples."""
-    return json.loads((tasks_dir / "index.json").read_text())["canary"]
+    return _index(tasks_dir)["canary"]
 
 
 def task_ids(tasks_dir: Path = TASKS_DIR, role: str = "bank") -> List[str]:
     """Task ids of ``role`` ("bank" or "extra") from ``tasks/index.json``."""
-    return [t for t, info in _index(tasks_dir).items() if info["role"] == role]
+    return [t["id"] for t in _index(tasks_dir)["tasks"] if t["role"] == role]
 
 
 def instruction(task: str, tasks_dir: Path = TASKS_DIR) -> Optional[str]:
     """The stored task's instruction (``tasks/index.json``; None when its source has none)."""
-    return _index(tasks_dir)[task].get("instruction")
+    return next(t for t in _index(tasks_dir)["tasks"] if t["id"] == task).get("instruction")
 
 
 def task_seed(task: str) -> int:

@@ -362,13 +362,13 @@ def main(argv=None) -> int:
         sigs["embedding"][t] = signature(ds, kind="embedding", embedder=embedder)
         sigs["tokens"][t] = signature(ds, kind="tokens", tokenizer=tokenizer)
     print(f"signatures of {len(all_names)} tasks: {time.time() - t0:.1f} s", flush=True)
-    metrics_ = sorted({c[0] for c in CONFIGS} | {"mean_cosine"})
+    distance_names = sorted({c[0] for c in CONFIGS} | {"mean_cosine"})
     D: Dict[str, np.ndarray] = {}
-    for metric in metrics_:
+    for metric in distance_names:
         kind = signature_kind(metric)
         bank_sigs = [sigs[kind][j] for j in ids]
         D[metric] = np.stack([query_distances(sigs[kind][t], bank_sigs, metric) for t in all_names])
-    print(f"distances ({len(metrics_)} metrics): {time.time() - t0:.1f} s", flush=True)
+    print(f"distances ({len(distance_names)} metrics): {time.time() - t0:.1f} s", flush=True)
     save_distances(out / "distances.json", all_names, ids, D)
     row_of = {t: i for i, t in enumerate(all_names)}
     G = parameter_gram(bank)
