@@ -1,28 +1,42 @@
 """Leave-one-out quality evaluation of generated adapters on SmolLM2-135M; resumable.
 
-    nohup python bench/quality/evaluate.py > bench/.cache/quality/evaluate.log 2>&1 &
-    python bench/quality/evaluate.py --extra my_task.jsonl   # also a task that is not in the bank
+    nohup python bench/quality/evaluate.py [--setting instructed] > bench/.cache/quality/evaluate.log 2>&1 &
+    python bench/quality/evaluate.py --extra my_task.jsonl   # a task of your own, not in the bank
 
-For every evaluated task (each bank task with its own adapter left out of the bank, every extra
-task of ``tasks/index.json``, and any ``--extra`` JSONL file with a ``split`` column holding
-``train`` and ``test`` rows, optionally ``validation`` rows) this makes adapters from the bank
-with metalora's distances, operators and combination modes, applies each to the base model, and
-scores the task's test split: Rouge-L of the greedy continuation, exact match, and the
-teacher-forced NLL of the target. Baselines in the same table: ``base`` (no adapter),
-``trained`` (the task's own LoRA), ``uniform`` (exact average of every other adapter's update)
-and ``meancos_top8`` (the 8 adapters whose training sets have the closest mean embedding, equal
-weights: retrieval style). Tasks with a validation split also get ``metalora+val:...``, whose
-top_k and scale that split chooses (see ``VAL_CANDIDATES``).
+For every evaluated task (each bank task with its own adapter left out of the bank, and every
+extra task of ``tasks/index.json``) this makes adapters from the setting's bank with metalora's
+distances, operators and combination modes, applies each to the base model, and scores the
+task's test split: Rouge-L of the greedy continuation (ours, and ``rougeL_paper``: the paper's,
+see ``common.rouge_l_paper``), exact match, and the teacher-forced NLL of the target. Baselines in
+the same table: ``base`` (no adapter), ``trained`` (the task's own LoRA), ``uniform`` (exact
+average of every other adapter's update) and ``meancos_top8`` (the 8 adapters whose training sets
+have the closest mean embedding, equal weights: retrieval style). Retrieval references:
+``oracle_single`` (the one bank adapter with the best test Rouge-L: an upper bound for any method
+that picks one adapter, not a method) and ``val_single`` (the one with the best validation
+Rouge-L). Tasks with a validation split also get ``metalora+val:...``, whose top_k and scale that
+split chooses (see ``VAL_CANDIDATES``).
 
-Rows go to ``results/results.csv`` as soon as they are measured; a rerun skips (task, system)
-pairs already there. Coefficients go to ``results/coefficients.jsonl``, distance matrices to
-``results/distances.json``.
+``--extra FILE.jsonl`` evaluates a task of your own (rows with ``input``, ``output`` and
+``split`` = ``train`` | ``validation`` | ``test``, validation optional; an ``instruction`` field,
+if any row has one, is the task's instruction in the instructed setting). Only those tasks are
+evaluated unless ``--tasks`` names stored ones too; their ``trained`` reference is a LoRA trained
+on their train split with the bank's recipe (``train_bank.train_one``), cached under
+``bench/.cache/quality/extra_trained/``; results go to ``bench/.cache/quality/results_extra*``
+unless ``--out`` says otherwise.
+
+Per output folder (``results/`` for the plain setting, ``results_instructed/`` for the instructed
+one): ``results.csv`` gets its rows as soon as they are measured, and a rerun skips (task,
+system) pairs already there; ``generations/<task>/<system>.jsonl`` keeps every test prediction (so
+new metrics need no re-run) and ``generations/<task>/single_adapters.jsonl`` every single
+adapter's, from which the two retrieval references are chosen; coefficients go to
+``coefficients.jsonl``, distance matrices to ``distances.json`` (rows of earlier runs are kept).
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import json
 import os
 import sys
@@ -34,9 +48,10 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (BANK_DIR, CACHE_DIR, EXTRA_DIR, MAX_TARGET_TOKENS, MODEL_DIR,  # noqa: E402
-                    RESULTS_DIR, SPLITS, TASKS_DIR, encode, load_model, load_split, normalise,
-                    references, rouge_l, target_nll, task_ids)
+from common import (CACHE_DIR, MAX_TARGET_TOKENS, MODEL_DIR, SETTINGS, SPLITS,  # noqa: E402
+                    TASKS_DIR, Setting, canary, encode, instruction, load_model, load_split,
+                    normalise, prefix_cache, references, rouge_l, rouge_l_paper, shared_prefix,
+                    target_nll, task_ids, task_seed)
 
 os.environ.setdefault("METALORA_CACHE_DIR", str(CACHE_DIR / "metalora"))
 
@@ -53,7 +68,7 @@ from metalora.signatures import signature  # noqa: E402
 N_TEST = 32
 TOP_K = 16            # metalora's default for svd / cat
 MEANCOS_K = 8
-FIELDS = ["task", "system", "rougeL", "exact_match", "nll", "n_test"]
+FIELDS = ["task", "system", "rougeL", "rougeL_paper", "exact_match", "nll", "n_test"]
 
 # (distance, operator, mode). Operator "normalized" and "attentional" use tau = 1 as in the paper;
 # "<operator>-auto" picks tau by leave-one-out on the fold's bank (metalora's tau="auto");
@@ -87,6 +102,7 @@ CONFIGS = [
 VAL_SYSTEM = "metalora+val:sinkhorn:normalized:svd"
 VAL_CANDIDATES = [(k, scale) for k in (1, 4, TOP_K) for scale in (0.5, 1.0)]
 VAL_N = 16
+SINGLE_SYSTEMS = ("oracle_single", "val_single")
 
 
 def system_name(distance: str, operator: str, mode: str) -> str:
@@ -112,14 +128,13 @@ class LoraSlot(torch.nn.Module):
 class Scorer:
     """Runs the bf16 base model with one adapter at a time and scores a task.
 
-    The base weights stay as they are (bfloat16: the model's matrix products run on this CPU's
-    AMX units, ~3.7x the float32 speed); an adapter is applied unmerged, as PEFT does, as the
-    low-rank path ``s * B @ (A @ x)`` beside each target module, so that no update is lost to
-    rounding the merged weight to bfloat16.
+    The base weights stay as they are (bfloat16: faster matrix products on this CPU); an adapter
+    is applied unmerged, as PEFT does, as the low-rank path ``s * B @ (A @ x)`` beside each
+    target module, so that no update is lost to rounding the merged weight to bfloat16.
     """
 
-    def __init__(self, model, tok, module_names: List[str]):
-        self.model, self.tok = model.to(torch.bfloat16), tok
+    def __init__(self, model, tok, module_names: List[str], setting: Setting):
+        self.model, self.tok, self.setting = model.to(torch.bfloat16), tok, setting
         self.slots = {}
         for name in module_names:
             parent, _, child = name.rpartition(".")
@@ -140,42 +155,68 @@ class Scorer:
             self.slots[m].A = torch.from_numpy(np.asarray(A, dtype=np.float32)).to(torch.bfloat16)
             self.slots[m].B = torch.from_numpy(np.asarray(B, dtype=np.float32) * s).to(torch.bfloat16)
 
-    def score(self, rows: List[dict]) -> Dict[str, float]:
+    def generate(self, rows: List[dict], task_instruction: Optional[str]) -> List[str]:
+        """Greedy continuations of the rows' prompts, up to the longest reference + 2 tokens.
+
+        A prefix all prompts share (the instruction) runs once (``common.prefix_cache``); the
+        rest of each prompt is left-padded after it (the padding masked out, positions from the
+        mask, as ``generate`` does for any left padding).
+        """
         tok = self.tok
-        pairs = [encode(tok, r["input"], r["output"]) for r in rows]
-        nll = target_nll(self.model, pairs)
+        prompts = [encode(tok, r, self.setting, task_instruction)[0] for r in rows]
         longest = max(len(tok(ref, add_special_tokens=False).input_ids)
                       for r in rows for ref in references(r))
         max_new = min(MAX_TARGET_TOKENS, longest + 2)
-        prompts = [p for p, _ in pairs]
+        k = shared_prefix(prompts)
         n = max(len(p) for p in prompts)
         ids = torch.full((len(prompts), n), tok.eos_token_id, dtype=torch.long)
         mask = torch.zeros((len(prompts), n), dtype=torch.long)
+        ids[:, :k] = torch.tensor(prompts[0][:k])
+        mask[:, :k] = 1
         for i, p in enumerate(prompts):           # left padding for batched generation
-            ids[i, n - len(p):] = torch.tensor(p)
-            mask[i, n - len(p):] = 1
+            ids[i, n - len(p) + k:] = torch.tensor(p[k:])
+            mask[i, n - len(p) + k:] = 1
         with torch.no_grad():
+            cache = prefix_cache(self.model, prompts[0][:k], len(prompts)) if k else None
             out = self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new,
                                       do_sample=False, eos_token_id=tok.eos_token_id,
-                                      pad_token_id=tok.eos_token_id)
-        rouge, em = [], []
-        for i, r in enumerate(rows):
+                                      pad_token_id=tok.eos_token_id, cache=cache)
+        preds = []
+        for i in range(len(rows)):
             new = out[i, n:].tolist()
             if tok.eos_token_id in new:
                 new = new[:new.index(tok.eos_token_id)]
-            pred = tok.decode(new, skip_special_tokens=True).strip()
-            refs = references(r)
-            rouge.append(max(rouge_l(pred, ref) for ref in refs))
-            em.append(float(any(normalise(pred) == normalise(ref) for ref in refs)))
-        return {"rougeL": float(np.mean(rouge)), "exact_match": float(np.mean(em)), "nll": nll,
-                "n_test": len(rows)}
+            preds.append(tok.decode(new, skip_special_tokens=True).strip())
+        return preds
+
+    def score(self, rows: List[dict], task_instruction: Optional[str]):
+        """Metrics of the current adapter on ``rows`` (see :func:`metrics`), and the predictions."""
+        pairs = [encode(self.tok, r, self.setting, task_instruction) for r in rows]
+        preds = self.generate(rows, task_instruction)
+        return {**metrics(preds, rows), "nll": target_nll(self.model, pairs),
+                "n_test": len(rows)}, preds
+
+
+def metrics(preds: List[str], rows: List[dict]) -> Dict[str, float]:
+    """Mean Rouge-L (ours: best over the accepted references), the paper's Rouge-L (first
+    reference) and exact match of predictions against the rows' references."""
+    refs = [references(r) for r in rows]
+    return {"rougeL": float(np.mean([max(rouge_l(p, x) for x in rs) for p, rs in zip(preds, refs)])),
+            "rougeL_paper": float(np.mean([rouge_l_paper(p, rs[0]) for p, rs in zip(preds, refs)])),
+            "exact_match": float(np.mean([any(normalise(p) == normalise(x) for x in rs)
+                                          for p, rs in zip(preds, refs)]))}
 
 
 def read_done(path: Path) -> set:
     if not path.is_file():
         return set()
     with open(path, newline="") as f:
-        return {(r["task"], r["system"]) for r in csv.DictReader(f)}
+        reader = csv.DictReader(f)
+        if reader.fieldnames != FIELDS:
+            raise SystemExit(f"{path} has the columns {reader.fieldnames}, not {FIELDS}: it was "
+                             "written by an older evaluate.py (without stored generations). Move it "
+                             "and coefficients.jsonl aside (see README.md) to re-run that setting")
+        return {(r["task"], r["system"]) for r in reader}
 
 
 def append_row(path: Path, row: dict) -> None:
@@ -187,52 +228,128 @@ def append_row(path: Path, row: dict) -> None:
         w.writerow({k: (f"{v:.6f}" if isinstance(v, float) else v) for k, v in row.items()})
 
 
-def task_dataset(train_rows: List[dict], name: str) -> Dataset:
-    return Dataset.from_pairs([r["input"] for r in train_rows], [r["output"] for r in train_rows],
-                              name=name)
+def write_jsonl(path: Path, records: List[dict], mode: str = "w") -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, mode, encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+
+
+def generation_records(preds: List[str], rows: List[dict], stored: bool) -> List[dict]:
+    """One record per test row; the first carries BIG-bench's canary when the task is BIG-bench's."""
+    recs = [{"i": i, "prediction": p, "references": references(r)}
+            for i, (p, r) in enumerate(zip(preds, rows))]
+    if stored and recs:
+        recs[0]["canary"] = canary()
+    return recs
+
+
+def task_dataset(rows: List[dict], name: str, setting: Setting, task_instruction) -> Dataset:
+    """The training split as the model sees it (instruction included in the instructed setting,
+    as in the paper's NI inputs); stripped, the plain prompt is the input itself."""
+    return Dataset.from_pairs([setting.prompt(r["input"], task_instruction).strip() for r in rows],
+                              [r["output"] for r in rows], name=name)
+
+
+def load_extra(path: Path) -> dict:
+    """A task of the user's own: ``{split: rows}``, its instruction and its source path."""
+    rows = [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
+    split = {s: [r for r in rows if r.get("split") == s] for s in SPLITS}
+    if not split["train"] or not split["test"]:
+        raise SystemExit(f"{path}: needs rows with split='train' and split='test' "
+                         f"(found {len(split['train'])} and {len(split['test'])})")
+    task_instruction = next((r["instruction"] for r in rows if r.get("instruction")), None)
+    return {**split, "instruction": task_instruction, "source": path}
+
+
+def train_extra_references(tasks: Dict[str, dict], setting: Setting) -> None:
+    """The ``trained`` reference of each ``--extra`` task: its own LoRA, trained with the bank's
+    recipe on its train split and cached by file content (a rerun reuses it)."""
+    from train_bank import train_one
+
+    todo = []
+    for name, t in tasks.items():
+        if t.get("source") is None:
+            continue
+        digest = hashlib.sha256(t["source"].read_bytes()).hexdigest()[:12]
+        t["trained"] = CACHE_DIR / "extra_trained" / setting.name / f"{name}-{digest}"
+        if not (t["trained"] / "train_log.json").is_file():
+            todo.append(name)
+    if not todo:
+        return
+    base, tok = load_model()
+    for p in base.parameters():
+        p.requires_grad_(False)
+    for name in todo:
+        t0 = time.time()
+        t = tasks[name]
+        t["trained"].parent.mkdir(parents=True, exist_ok=True)
+        train_one(t, t["trained"], base, tok, task_seed(name), setting, t["instruction"],
+                  record={"task": name, "dataset": str(t["source"])})
+        print(f"trained the LoRA of {name} ({time.time() - t0:.0f} s): {t['trained']}", flush=True)
+
+
+def save_distances(path: Path, names: List[str], ids: List[str], D: Dict[str, np.ndarray]) -> None:
+    """Write the distance rows of ``names``, keeping the other rows of an earlier run's file."""
+    rows: Dict[str, Dict[str, list]] = {}
+    if path.is_file():
+        old = json.loads(path.read_text())
+        if old["cols"] == ids and set(old["D"]) == set(D):
+            rows = {t: {m: old["D"][m][i] for m in D} for i, t in enumerate(old["rows"])}
+    for i, t in enumerate(names):
+        rows[t] = {m: np.round(v[i], 6).tolist() for m, v in D.items()}
+    path.write_text(json.dumps({"rows": list(rows), "cols": ids,
+                                "D": {m: [rows[t][m] for t in rows] for m in D}}) + "\n")
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--setting", choices=sorted(SETTINGS), default="plain",
+                    help="prompt format, bank and default output folder (default: %(default)s)")
     ap.add_argument("--extra", nargs="*", type=Path, default=[],
-                    help="JSONL files of extra tasks (rows with input, output, "
+                    help="JSONL files of tasks of your own (rows with input, output, "
                          "split=train|validation|test; validation is optional)")
-    ap.add_argument("--tasks", nargs="*", help="only these task ids")
+    ap.add_argument("--tasks", nargs="*", help="only these task ids (with --extra: these stored "
+                    "tasks as well; by default none)")
     ap.add_argument("--systems", nargs="*", help="only these systems (names as in results.csv)")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    ap.add_argument("--out", type=Path, default=RESULTS_DIR)
+    ap.add_argument("--out", type=Path, help="output folder (default: the setting's results "
+                    "folder; with --extra, bench/.cache/quality/results_extra<suffix>)")
     ap.add_argument("--partial-bank", action="store_true",
                     help="allow an incomplete bank (smoke tests; use another --out)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    args.out.mkdir(parents=True, exist_ok=True)
-    results = args.out / "results.csv"
+    setting = SETTINGS[args.setting]
+    out = args.out or (CACHE_DIR / f"results_extra{setting.suffix}" if args.extra
+                       else setting.results_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"setting {setting.name}; bank {setting.bank_dir}; results to {out}", flush=True)
+    results = out / "results.csv"
     done = read_done(results)
 
-    bank = Bank(BANK_DIR / "bank.jsonl")
+    bank = Bank(setting.bank_dir / "bank.jsonl")
     ids = list(bank.ids)
     missing = sorted(set(task_ids(TASKS_DIR, "bank")) - set(ids))
     if missing and not args.partial_bank:
         raise SystemExit(f"the bank lacks {len(missing)} adapters ({missing[:3]} ...): finish "
-                         f"train_bank.py first (or pass --partial-bank for a smoke test)")
+                         f"train_bank.py --setting {setting.name} first (or pass --partial-bank "
+                         "for a smoke test)")
     nb = len(ids)
-    # Tasks to evaluate: the extras first (no adapter of theirs in the bank), then every bank task.
-    tasks: Dict[str, dict] = {}
-    for t in task_ids(TASKS_DIR, "extra"):
-        tasks[t] = {**{s: load_split(t, s) for s in SPLITS}, "trained": EXTRA_DIR / t}
-    for path in args.extra:
-        rows = [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
-        split = {s: [r for r in rows if r.get("split") == s] for s in SPLITS}
-        if not split["train"] or not split["test"]:
-            raise SystemExit(f"{path}: needs rows with split='train' and split='test' "
-                             f"(found {len(split['train'])} and {len(split['test'])})")
-        tasks[path.stem] = {**split, "trained": None}
-    for t in ids[::2] + ids[1::2]:     # interleaved: a cut-short run still spans the families
-        tasks[t] = {**{s: load_split(t, s) for s in SPLITS}, "trained": BANK_DIR / t}
-    if args.tasks:
-        tasks = {k: v for k, v in tasks.items() if k in set(args.tasks)}
+    # Tasks to evaluate: the user's --extra files; the stored extras (no adapter of theirs in the
+    # bank) and every bank task, unless --extra is given without --tasks naming them.
+    tasks: Dict[str, dict] = {path.stem: load_extra(path) for path in args.extra}
+    stored = [(t, setting.extra_dir) for t in task_ids(TASKS_DIR, "extra")]
+    stored += [(t, setting.bank_dir) for t in ids[::2] + ids[1::2]]   # interleaved: a cut-short
+    for t, root in stored:                                             # run spans the families
+        if (args.tasks is None and not args.extra) or t in (args.tasks or ()):
+            tasks[t] = {**{s: load_split(t, s) for s in SPLITS}, "instruction": instruction(t),
+                        "trained": root / t}
+    unknown = sorted(set(args.tasks or ()) - set(tasks))
+    if unknown:
+        raise SystemExit(f"unknown task ids {unknown} (stored tasks: see tasks/index.json)")
     names = list(tasks)
+    train_extra_references(tasks, setting)
 
     # Signatures of every task's training split (cached on disk by content) and distances.
     t0 = time.time()
@@ -241,29 +358,28 @@ def main(argv=None) -> int:
     sigs: Dict[str, Dict[str, object]] = {"embedding": {}, "tokens": {}}
     all_names = list(dict.fromkeys(names + ids))
     for t in all_names:
-        rows = tasks[t]["train"] if t in tasks else load_split(t, "train")
-        ds = task_dataset(rows, t)
+        rows, ins = (tasks[t]["train"], tasks[t]["instruction"]) if t in tasks else \
+            (load_split(t, "train"), instruction(t))
+        ds = task_dataset(rows, t, setting, ins)
         sigs["embedding"][t] = signature(ds, kind="embedding", embedder=embedder)
         sigs["tokens"][t] = signature(ds, kind="tokens", tokenizer=tokenizer)
     print(f"signatures of {len(all_names)} tasks: {time.time() - t0:.1f} s", flush=True)
-    metrics = sorted({c[0] for c in CONFIGS} | {"mean_cosine"})
+    distance_names = sorted({c[0] for c in CONFIGS} | {"mean_cosine"})
     D: Dict[str, np.ndarray] = {}
-    for metric in metrics:
+    for metric in distance_names:
         kind = get_metric(metric).kind.signature
         bank_sigs = [sigs[kind][j] for j in ids]
         D[metric] = np.stack([query_distances(sigs[kind][t], bank_sigs, metric) for t in all_names])
-    print(f"distances ({len(metrics)} metrics): {time.time() - t0:.1f} s", flush=True)
-    (args.out / "distances.json").write_text(json.dumps(
-        {"rows": all_names, "cols": ids,
-         "D": {m: np.round(v, 6).tolist() for m, v in D.items()}}) + "\n")
+    print(f"distances ({len(distance_names)} metrics): {time.time() - t0:.1f} s", flush=True)
+    save_distances(out / "distances.json", all_names, ids, D)
     row_of = {t: i for i, t in enumerate(all_names)}
     G = parameter_gram(bank)
     Dbank = {m: v[[row_of[j] for j in ids]] for m, v in D.items()}
 
     model, tok = load_model()
     modules = sorted({m for j in ids for m in bank[j].names})
-    scorer = Scorer(model, tok, modules)
-    coef_file = open(args.out / "coefficients.jsonl", "a")
+    scorer = Scorer(model, tok, modules, setting)
+    coef_file = open(out / "coefficients.jsonl", "a")
 
     def run(task: str, system: str, make) -> None:
         if (task, system) in done or (args.systems and system not in args.systems):
@@ -272,16 +388,48 @@ def main(argv=None) -> int:
         adapter, weights = make()
         t2 = time.time()
         scorer.apply(adapter)
-        res = scorer.score(tasks[task]["test"][:N_TEST])
+        rows = tasks[task]["test"][:N_TEST]
+        res, preds = scorer.score(rows, tasks[task]["instruction"])
+        write_jsonl(out / "generations" / task / f"{system.replace(':', '__')}.jsonl",
+                    generation_records(preds, rows, stored="source" not in tasks[task]))
         append_row(results, {"task": task, "system": system, **res})
         done.add((task, system))
         if weights is not None:
             coef_file.write(json.dumps({"task": task, "system": system, "weights": {
                 ids[j]: round(float(w), 6) for j, w in enumerate(weights) if w > 0}}) + "\n")
             coef_file.flush()
-        print(f"  {system:48s} rougeL {res['rougeL']:.3f}  EM {res['exact_match']:.3f}  "
-              f"NLL {res['nll']:.3f}  (make {t2 - t1:.2f} s, score {time.time() - t2:.1f} s)",
-              flush=True)
+        print(f"  {system:48s} rougeL {res['rougeL']:.3f} (paper's {res['rougeL_paper']:.3f})  "
+              f"EM {res['exact_match']:.3f}  NLL {res['nll']:.3f}  (make {t2 - t1:.2f} s, "
+              f"score {time.time() - t2:.1f} s)", flush=True)
+
+    def single_adapter_scores(task: str, keep: List[int]) -> Dict[tuple, dict]:
+        """Rouge-L of every bank adapter alone on the test split and on VAL_N validation rows
+        (generation only), stored in generations/<task>/single_adapters.jsonl (resumable)."""
+        path = out / "generations" / task / "single_adapters.jsonl"
+        found = {}
+        if path.is_file():
+            for line in path.read_text(encoding="utf-8").splitlines():
+                r = json.loads(line)
+                found[(r["adapter"], r["split"])] = r
+        splits = {"test": tasks[task]["test"][:N_TEST],
+                  "validation": tasks[task]["validation"][:VAL_N]}
+        t1, new = time.time(), 0
+        for j in keep:
+            for split, rows in splits.items():
+                if not rows or (ids[j], split) in found:
+                    continue
+                scorer.apply(bank[ids[j]])
+                preds = scorer.generate(rows, tasks[task]["instruction"])
+                rec = {"adapter": ids[j], "split": split, **metrics(preds, rows),
+                       "predictions": preds}
+                if not found and "source" not in tasks[task]:
+                    rec["canary"] = canary()
+                write_jsonl(path, [rec], mode="a")
+                found[(ids[j], split)] = rec
+                new += 1
+        if new:
+            print(f"  single adapters: {new} evaluations, {time.time() - t1:.0f} s", flush=True)
+        return found
 
     for n_done, task in enumerate(names):
         t_task = time.time()
@@ -295,9 +443,9 @@ def main(argv=None) -> int:
 
         run(task, "base", lambda: (None, None))
         trained = tasks[task]["trained"]
-        if trained is not None and (trained / "adapter_config.json").is_file():
+        if (trained / "adapter_config.json").is_file():
             run(task, "trained", lambda: (load_adapter(trained), None))
-        elif trained is not None:
+        else:
             print(f"  trained: {trained} is not trained yet (rerun once train_bank.py is done)")
         uniform = np.zeros(nb)
         uniform[keep] = 1.0 / len(keep)
@@ -335,7 +483,7 @@ def main(argv=None) -> int:
                 w = scale * coefficients(d, operator="normalized", top_k=k, exclude=held)
                 adapter = combine_adapters(bank, w, mode="svd")
                 scorer.apply(adapter)
-                val = scorer.score(tasks[task]["validation"][:VAL_N])
+                val, _ = scorer.score(tasks[task]["validation"][:VAL_N], tasks[task]["instruction"])
                 trials.append((-val["rougeL"], val["nll"], len(trials), adapter, w))
             chosen = min(trials, key=lambda x: x[:3])
             k, scale = VAL_CANDIDATES[chosen[2]]
@@ -343,8 +491,23 @@ def main(argv=None) -> int:
                   f"NLL {chosen[1]:.3f})", flush=True)
             return chosen[3], chosen[4]
 
-        if tasks[task].get("validation"):
+        has_val = bool(tasks[task].get("validation"))
+        if has_val:
             run(task, VAL_SYSTEM, make_validated)
+
+        # Retrieval references: the single adapter best on the test split (an upper bound for
+        # any one-adapter choice) and the one best on the validation split; ties go to the
+        # paper's Rouge-L, then to bank order.
+        singles = [s for s in SINGLE_SYSTEMS if has_val or s != "val_single"]
+        if any((task, s) not in done and (not args.systems or s in args.systems) for s in singles):
+            found = single_adapter_scores(task, keep)
+            for system, split in (("oracle_single", "test"), ("val_single", "validation")):
+                if system in singles:
+                    best = max(keep, key=lambda j: (found[(ids[j], split)]["rougeL"],
+                                                    found[(ids[j], split)]["rougeL_paper"], -j))
+                    onehot = np.zeros(nb)
+                    onehot[best] = 1.0
+                    run(task, system, lambda: (bank[ids[best]], onehot))
         print(f"  ({time.time() - t_task:.0f} s for {task})", flush=True)
     coef_file.close()
     return 0

@@ -11,6 +11,12 @@ Every task gets fixed-seed splits: ``test`` (32 examples), ``validation`` (32) a
 to 320). Rows are ``{"input", "output"}`` plus ``references`` when the task gives several accepted
 targets. The first row of every file also carries the BIG-bench ``canary`` string, as BIG-bench
 asks of any file that stores its examples.
+
+``tasks/index.json`` also holds each task's ``instruction`` (used by the ``instructed`` setting of
+``common.py``): the task's ``task_prefix`` when it has one (for the Natural-Instructions subtasks
+that is the NI definition, with its "Things to avoid", "Emphasis" and "Prompt" parts), otherwise
+its ``description``; ``instruction_from`` says which, and tasks with neither get null and are
+listed at the end of the run.
 """
 
 from __future__ import annotations
@@ -160,8 +166,15 @@ def build_task(root: Path, rel: str, task_id: str, role: str, out_dir: Path) -> 
     final = out_dir / task_id
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
+    instruction, origin = None, None
+    for key in ("task_prefix", "description"):
+        text = str(data.get(key) or "").strip()
+        if text:
+            instruction, origin = text, key
+            break
     return {"id": task_id, "role": role, "source": f"bigbench==1.0.0:{rel}",
-            "usable": len(rows), **{f"n_{k}": int(len(v)) for k, v in parts.items()}}
+            "usable": len(rows), **{f"n_{k}": int(len(v)) for k, v in parts.items()},
+            "instruction": instruction, "instruction_from": origin, "canary": canary}
 
 
 def main(argv=None) -> int:
@@ -180,12 +193,15 @@ def main(argv=None) -> int:
         for task_id, rel, role in TASKS:
             info = build_task(src, rel, task_id, role, args.out)
             index.append(info)
-            print(f"{task_id:34s} {role:5s} usable={info['usable']:5d} train={info['n_train']}",
-                  flush=True)
+            print(f"{task_id:34s} {role:5s} usable={info['usable']:5d} train={info['n_train']} "
+                  f"instruction={info['instruction_from']}", flush=True)
+    canaries = sorted({t.pop("canary") for t in index})   # the index stores task text too
     (args.out / "index.json").write_text(json.dumps(
         {"source": "BIG-bench 1.0.0 (Apache-2.0), sdist on PyPI", "seed": SEED,
-         "tasks": index}, indent=1) + "\n")
-    print(f"wrote {len(index)} tasks to {args.out}")
+         "canary": " | ".join(canaries), "tasks": index}, indent=1, ensure_ascii=False) + "\n")
+    bare = [t["id"] for t in index if t["instruction"] is None]
+    print(f"wrote {len(index)} tasks to {args.out}; without any instruction: "
+          f"{', '.join(bare) if bare else 'none'}")
     return 0
 
 

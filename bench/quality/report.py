@@ -1,15 +1,18 @@
-"""Aggregate ``results/results.csv`` into ``results/summary.md`` and PNG plots.
+"""Aggregate each setting's ``results.csv`` into ``results/summary.md`` and PNG plots.
 
     python bench/quality/report.py
 
-Per system: mean Rouge-L, exact match and target NLL over the evaluated tasks; the share of tasks
-where it beats ``base`` on Rouge-L (strictly); and the share of the base -> trained Rouge-L gap it
-closes, both as the ratio of the means (mean over tasks of system - base, over the same for
-trained) and as the mean of the per-task ratios on tasks whose gap is at least 0.05 (a smaller
-gap makes the ratio meaningless noise).
-Plots: per-task Rouge-L bars of the baselines, the best metalora system and the one whose top_k
-and scale the validation split chose; the coefficient heatmap (evaluated task x bank adapter) of
-the best metalora system, in the style of the paper's figure.
+One section per setting that has results (``results/`` for the plain setting,
+``results_instructed/`` for the instructed one; see ``common.SETTINGS``), then a side-by-side
+table against the paper's numbers in Rouge-L as the paper computes it (``rougeL_paper``).
+Per system: mean Rouge-L (ours and the paper's), exact match and target NLL over the evaluated
+tasks; the share of tasks where it beats ``base`` on Rouge-L (strictly); and the share of the
+base -> trained Rouge-L gap it closes, both as the ratio of the means (mean over tasks of system -
+base, over the same for trained) and as the mean of the per-task ratios on tasks whose gap is at
+least 0.05 (a smaller gap makes the ratio meaningless noise).
+Plots, in each setting's folder: per-task Rouge-L bars of the baselines, the best metalora system
+and the one whose top_k and scale the validation split chose; the coefficient heatmap (evaluated
+task x bank adapter) of the best metalora system, in the style of the paper's figure.
 """
 
 from __future__ import annotations
@@ -20,24 +23,30 @@ import json
 import sys
 from collections import defaultdict
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS_DIR  # noqa: E402
+from common import RESULTS_DIR, SETTINGS  # noqa: E402
 
-BASELINES = ("base", "trained", "uniform", "meancos_top8")
+BASELINES = ("base", "trained", "uniform", "meancos_top8", "oracle_single", "val_single")
 TOKEN_METRICS = ("wasserstein_1d", "kl", "js", "token_mmd")
 MIN_GAP = 0.05
+METRICS = ("rougeL", "rougeL_paper", "exact_match", "nll", "n_test")
+PAPER_RULE = "metalora:js:normalized:linear"      # the paper's best: JS, normalized, factor-wise
+DEFAULTS = "metalora:sinkhorn:normalized:svd"     # `metalora generate`'s defaults
+# arXiv:2507.01806 on Mistral-7B-Instruct-v0.2 with 502 adapters, Rouge-L of HF `evaluate`
+# (stemmer on) against the first reference (via the design brief, a secondary source).
+PAPER = {"base": 0.192, "rule": 0.520, "trained": 0.746}
 
 
 def load(path: Path) -> Dict[str, Dict[str, dict]]:
+    """``{task: {system: {metric: value}}}``; a column an older results.csv lacks reads as NaN."""
     table: Dict[str, Dict[str, dict]] = defaultdict(dict)
     with open(path, newline="") as f:
         for r in csv.DictReader(f):
-            table[r["task"]][r["system"]] = {k: float(r[k]) for k in
-                                             ("rougeL", "exact_match", "nll", "n_test")}
+            table[r["task"]][r["system"]] = {k: float(r.get(k) or "nan") for k in METRICS}
     return table
 
 
@@ -47,20 +56,27 @@ def aggregate(table, tasks: List[str], systems: List[str]) -> List[dict]:
         ts = [t for t in tasks if s in table[t] and "base" in table[t]]
         if not ts:
             continue
-        r = np.array([table[t][s]["rougeL"] for t in ts])
-        base = np.array([table[t]["base"]["rougeL"] for t in ts])
+
+        def values(system, metric, among=ts):
+            return np.array([table[t][system][metric] for t in among])
+
         with_trained = [t for t in ts if "trained" in table[t]]
-        gap_sys = np.array([table[t][s]["rougeL"] - table[t]["base"]["rougeL"] for t in with_trained])
-        gap_tr = np.array([table[t]["trained"]["rougeL"] - table[t]["base"]["rougeL"]
-                           for t in with_trained])
-        big = gap_tr >= MIN_GAP
+
+        def gap(metric):
+            sys_gain = values(s, metric, with_trained) - values("base", metric, with_trained)
+            tr_gain = values("trained", metric, with_trained) - values("base", metric, with_trained)
+            return sys_gain, tr_gain
+
+        g_sys, g_tr = gap("rougeL")
+        p_sys, p_tr = gap("rougeL_paper")
+        big = g_tr >= MIN_GAP
         rows.append({
-            "system": s, "n_tasks": len(ts), "rougeL": r.mean(),
-            "exact_match": np.mean([table[t][s]["exact_match"] for t in ts]),
-            "nll": np.mean([table[t][s]["nll"] for t in ts]),
-            "beats_base": float(np.mean(r > base)),
-            "gap_closed": float(gap_sys.sum() / gap_tr.sum()) if gap_tr.sum() > 0 else float("nan"),
-            "gap_closed_per_task": float(np.mean(gap_sys[big] / gap_tr[big])) if big.any()
+            "system": s, "n_tasks": len(ts),
+            **{m: values(s, m).mean() for m in ("rougeL", "rougeL_paper", "exact_match", "nll")},
+            "beats_base": float(np.mean(values(s, "rougeL") > values("base", "rougeL"))),
+            "gap_closed": float(g_sys.sum() / g_tr.sum()) if g_tr.sum() > 0 else float("nan"),
+            "gap_closed_paper": float(p_sys.sum() / p_tr.sum()) if p_tr.sum() > 0 else float("nan"),
+            "gap_closed_per_task": float(np.mean(g_sys[big] / g_tr[big])) if big.any()
             else float("nan"),
         })
     return rows
@@ -79,18 +95,24 @@ def _pct(x: float) -> str:
     return "n/a" if np.isnan(x) else f"{100 * x:.0f} %"
 
 
+def _num(x: float) -> str:
+    return "n/a" if np.isnan(x) else f"{x:.3f}"
+
+
 def markdown_table(rows: List[dict]) -> str:
-    out = ["| system | tasks | Rouge-L | exact match | NLL | beats base (Rouge-L) | gap closed "
-           "(ratio of means) | gap closed (mean per task, gap ≥ 0.05) |",
-           "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    out = ["| system | tasks | Rouge-L | Rouge-L (paper's) | exact match | NLL | beats base "
+           "(Rouge-L) | gap closed (ratio of means) | gap closed (paper's Rouge-L) | gap closed "
+           "(mean per task, gap ≥ 0.05) |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         out.append(f"| `{r['system']}` | {r['n_tasks']} | {r['rougeL']:.3f} | "
-                   f"{r['exact_match']:.3f} | {r['nll']:.3f} | {_pct(r['beats_base'])} | "
-                   f"{_pct(r['gap_closed'])} | {_pct(r['gap_closed_per_task'])} |")
+                   f"{_num(r['rougeL_paper'])} | {r['exact_match']:.3f} | {r['nll']:.3f} | "
+                   f"{_pct(r['beats_base'])} | {_pct(r['gap_closed'])} | "
+                   f"{_pct(r['gap_closed_paper'])} | {_pct(r['gap_closed_per_task'])} |")
     return "\n".join(out)
 
 
-def plot_bars(table, tasks: List[str], systems: List[str], path: Path) -> None:
+def plot_bars(table, tasks: List[str], systems: List[str], path: Path, setting: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -104,7 +126,8 @@ def plot_bars(table, tasks: List[str], systems: List[str], path: Path) -> None:
     ax.set_xticks(x)
     ax.set_xticklabels(tasks, rotation=75, ha="right", fontsize=7)
     ax.set_ylabel("Rouge-L (test split)")
-    ax.set_title("SmolLM2-135M: per-task Rouge-L (bank tasks leave-one-out; x_ = not in the bank)")
+    ax.set_title(f"SmolLM2-135M, {setting} setting: per-task Rouge-L (bank tasks leave-one-out; "
+                 "x_ = not in the bank)")
     ax.legend(fontsize=8, ncol=len(systems))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -133,58 +156,51 @@ def plot_heatmap(coefs: Dict[str, Dict[str, float]], tasks: List[str], bank: Lis
     plt.close(fig)
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--results", type=Path, default=RESULTS_DIR)
-    args = ap.parse_args(argv)
-    table = load(args.results / "results.csv")
+def setting_section(name: str, results: Path, level: str = "##") -> tuple:
+    """The markdown of one setting's results, its plots, and its aggregate rows."""
+    table = load(results / "results.csv")
     tasks = list(table)
     systems = list(dict.fromkeys(s for t in tasks for s in table[t]))
     ordered = [s for s in BASELINES if s in systems] + sorted(s for s in systems if s not in BASELINES)
-    bank = json.loads((args.results / "distances.json").read_text())["cols"]
+    bank = json.loads((results / "distances.json").read_text())["cols"]
     extra = [t for t in tasks if t not in bank]
     bank_tasks = [t for t in bank if t in table]      # bank order: families stay together
     all_rows = aggregate(table, tasks, ordered)
     meta = [r for r in all_rows if r["system"].startswith("metalora:")]
     best = max(meta, key=lambda r: r["rougeL"]) if meta else None
-
-    lines = ["# Quality benchmark: SmolLM2-135M-Instruct, generated adapters vs baselines", "",
-             f"{len(tasks)} tasks evaluated ({len(bank_tasks)} of the bank's, leave-one-out, and "
-             f"{len(extra)} outside it); `evaluate.py` is resumable.", "",
-             "Produced by `bench/quality/report.py` from `results.csv` (see `bench/quality/README.md`"
-             " for the setup). Rouge-L and exact match from greedy decoding, NLL = teacher-forced "
-             "per-token negative log-likelihood of the target (lower is better). Bank tasks are "
-             "evaluated leave-one-out (their own adapter removed from the bank); `x_` tasks have no "
-             "adapter in the bank at all (their `trained` reference is an adapter trained the same "
-             "way and kept outside the bank). `metalora+val` systems also use the task's "
-             "validation split to choose top_k and scale; the others see only its training split.",
-             "",
-             f"## All evaluated tasks ({len(tasks)})", "", markdown_table(all_rows), ""]
-    for title, sub in ((f"Bank tasks, leave-one-out ({len(bank_tasks)})", bank_tasks),
-                       (f"Extra tasks, not in the bank ({len(extra)})", extra)):
-        if sub:
-            lines += [f"## {title}", "", markdown_table(aggregate(table, sub, ordered)), ""]
+    sub = level + "#"
+    lines = [f"{level} Setting `{name}` ({len(tasks)} tasks: {len(bank_tasks)} of the bank's, "
+             f"leave-one-out, and {len(extra)} outside it; `{results.name}/`)", "",
+             f"{sub} All evaluated tasks ({len(tasks)})", "", markdown_table(all_rows), ""]
+    for title, part in ((f"Bank tasks, leave-one-out ({len(bank_tasks)})", bank_tasks),
+                        (f"Extra tasks, not in the bank ({len(extra)})", extra)):
+        if part:
+            lines += [f"{sub} {title}", "", markdown_table(aggregate(table, part, ordered)), ""]
     if best:
         tok = [r for r in meta if r["system"].split(":")[1] in TOKEN_METRICS]
         emb = [r for r in meta if r["system"].split(":")[1] not in TOKEN_METRICS]
         base = next(r for r in all_rows if r["system"] == "base")
-        lines += ["## Headlines", "",
+        lines += [f"{sub} Headlines", "",
                   f"- Best metalora configuration by mean Rouge-L: `{best['system']}` — "
                   f"{best['rougeL']:.3f} vs base {base['rougeL']:.3f}; beats base on "
-                  f"{100 * best['beats_base']:.0f} % of tasks; closes "
-                  f"{100 * best['gap_closed']:.0f} % of the base→trained gap (ratio of means), "
-                  f"{100 * best['gap_closed_per_task']:.0f} % (mean per task).",
-                  f"- Best token-id (paper) distance: `{max(tok, key=lambda r: r['rougeL'])['system']}`"
-                  f" {max(r['rougeL'] for r in tok):.3f}; best embedding distance: "
-                  f"`{max(emb, key=lambda r: r['rougeL'])['system']}` "
-                  f"{max(r['rougeL'] for r in emb):.3f}." if tok and emb else ""]
-        rivals = ["meancos_top8", max(tok, key=lambda r: r["rougeL"])["system"] if tok else None,
-                  "metalora:js:normalized:linear", "base"]
+                  f"{_pct(best['beats_base'])} of tasks; closes {_pct(best['gap_closed'])} of the "
+                  f"base→trained gap (ratio of means), {_pct(best['gap_closed_per_task'])} (mean "
+                  "per task)."]
+        if tok and emb:
+            lines.append(f"- Best token-id (paper) distance: "
+                         f"`{max(tok, key=lambda r: r['rougeL'])['system']}` "
+                         f"{max(r['rougeL'] for r in tok):.3f}; best embedding distance: "
+                         f"`{max(emb, key=lambda r: r['rougeL'])['system']}` "
+                         f"{max(r['rougeL'] for r in emb):.3f}.")
+        rivals = ["meancos_top8", "val_single", "oracle_single",
+                  max(tok, key=lambda r: r["rougeL"])["system"] if tok else None, PAPER_RULE,
+                  "base"]
         lines.append(f"- Paired differences of `{best['system']}`'s Rouge-L over the tasks (mean, "
                      f"95 % bootstrap interval over tasks): " + "; ".join(
                          "vs `{}` {:+.3f} [{:+.3f}, {:+.3f}]".format(
                              s, *paired_difference(table, tasks, best["system"], s))
-                         for s in rivals if s in systems and s != best["system"]) + ".")
+                         for s in dict.fromkeys(rivals)
+                         if s in systems and s != best["system"]) + ".")
         for r in all_rows:
             if r["system"].startswith("metalora+val:"):
                 lines.append(f"- With the validation split choosing top_k and scale: `{r['system']}`"
@@ -195,22 +211,96 @@ def main(argv=None) -> int:
                                  best["system"], *paired_difference(table, tasks, r["system"],
                                                                     best["system"])))
         lines.append("")
-    (args.results / "summary.md").write_text("\n".join(lines) + "\n")
-
-    if best:
         shown = (["base", "uniform", "meancos_top8", best["system"]]
                  + [s for s in systems if s.startswith("metalora+val:")] + ["trained"])
         in_order = extra + bank_tasks
         plot_bars(table, in_order, [s for s in shown if s in systems],
-                  args.results / "per_task_rougeL.png")
+                  results / "per_task_rougeL.png", name)
         coefs: Dict[str, Dict[str, float]] = {}
-        with open(args.results / "coefficients.jsonl") as f:
+        with open(results / "coefficients.jsonl") as f:
             for line in f:
                 r = json.loads(line)
                 if r["system"] == best["system"]:
                     coefs[r["task"]] = r["weights"]
-        plot_heatmap(coefs, in_order, bank, best["system"], args.results / "coefficients_heatmap.png")
-    print((args.results / "summary.md").read_text())
+        plot_heatmap(coefs, in_order, bank, best["system"], results / "coefficients_heatmap.png")
+    return lines, {r["system"]: r for r in all_rows}, best
+
+
+def paper_table(by_setting: Dict[str, tuple]) -> List[str]:
+    """Side by side with the paper, in the paper's Rouge-L (first reference, stemmer on)."""
+    names = list(by_setting)
+    head = ("| | paper (Mistral-7B-Instruct, 502 adapters) | "
+            + " | ".join(f"SmolLM2-135M, `{n}` (48 adapters)" for n in names) + " |")
+    out = [head, "|---|---:|" + "---:|" * len(names)]
+
+    def cell(setting: str, system: Optional[str], key: str = "rougeL_paper") -> str:
+        rows, _ = by_setting[setting]
+        r = rows.get(system) if system else None
+        if r is None or np.isnan(r[key]):
+            return "–" if r is None else "n/a"
+        text = _pct(r[key]) if key.startswith("gap") else _num(r[key])
+        return text if system in ("base", "trained", PAPER_RULE) else f"{text} (`{system}`)"
+
+    def best_of(setting: str) -> Optional[str]:
+        rows, _ = by_setting[setting]
+        meta = [r for s, r in rows.items()
+                if s.startswith("metalora:") and not np.isnan(r["rougeL_paper"])]
+        return max(meta, key=lambda r: r["rougeL_paper"])["system"] if meta else None
+
+    gap = (PAPER["rule"] - PAPER["base"]) / (PAPER["trained"] - PAPER["base"])
+    lines = [("base model", f"{PAPER['base']:.3f}", lambda n: cell(n, "base")),
+             ("the paper's rule (JS, normalized, factor-wise average)", f"{PAPER['rule']:.3f}",
+              lambda n: cell(n, PAPER_RULE)),
+             ("best generated (best metalora configuration by this column)",
+              f"{PAPER['rule']:.3f} (the rule above)", lambda n: cell(n, best_of(n))),
+             ("metalora's defaults (sinkhorn, normalized, svd of the top 16)", "–",
+              lambda n: cell(n, DEFAULTS)),
+             ("metalora+val (validation split picks top_k and scale)", "–",
+              lambda n: cell(n, next((s for s in by_setting[n][0]
+                                      if s.startswith("metalora+val:")), None))),
+             ("trained LoRA of the task", f"{PAPER['trained']:.3f}",
+              lambda n: cell(n, "trained")),
+             ("gap closed by the paper's rule (ratio of means)", _pct(gap),
+              lambda n: cell(n, PAPER_RULE, "gap_closed_paper")),
+             ("gap closed by the best generated", _pct(gap),
+              lambda n: cell(n, best_of(n), "gap_closed_paper")),
+             ("gap closed by metalora's defaults", "–",
+              lambda n: cell(n, DEFAULTS, "gap_closed_paper"))]
+    for label, paper, fn in lines:
+        out.append(f"| {label} | {paper} | " + " | ".join(fn(n) for n in names) + " |")
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", type=Path, default=RESULTS_DIR / "summary.md")
+    args = ap.parse_args(argv)
+    sections, by_setting = [], {}
+    for name, setting in SETTINGS.items():
+        if (setting.results_dir / "results.csv").is_file():
+            lines, rows, best = setting_section(name, setting.results_dir)
+            sections += lines
+            by_setting[name] = (rows, best)
+    if not by_setting:
+        raise SystemExit("no results.csv in any setting's folder: run evaluate.py first")
+    lines = ["# Quality benchmark: SmolLM2-135M-Instruct, generated adapters vs baselines", "",
+             "Produced by `bench/quality/report.py` from each setting's `results.csv` (see "
+             "`bench/quality/README.md` for the setup and which setting reproduces the paper). "
+             "Rouge-L and exact match from greedy decoding; Rouge-L is ours (best over the "
+             "accepted references, no stemming), Rouge-L (paper's) is `rouge-score` with the "
+             "stemmer against the first reference, as the paper scores; NLL = teacher-forced "
+             "per-token negative log-likelihood of the target (lower is better). Bank tasks are "
+             "evaluated leave-one-out (their own adapter removed from the bank); `x_` tasks have no "
+             "adapter in the bank at all (their `trained` reference is an adapter trained the same "
+             "way and kept outside the bank). `oracle_single` is the one bank adapter with the best "
+             "test Rouge-L (an upper bound for any one-adapter choice, not a method); `val_single` "
+             "and `metalora+val` also use the task's validation split (to pick one adapter, or "
+             "top_k and scale); the others see only its training split. `n/a`: not measured in "
+             "that run (a results.csv from before the column existed).", "",
+             "## Side by side with the paper (Rouge-L as the paper computes it)", "",
+             *paper_table(by_setting), "", *sections]
+    args.out.write_text("\n".join(lines) + "\n")
+    print(args.out.read_text())
     return 0
 
 
