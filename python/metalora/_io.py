@@ -8,11 +8,12 @@ failure leaves neither a partial file nor the temporary behind.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Iterator, Optional, Union
 
 import numpy as np
 
@@ -36,19 +37,42 @@ def fsync_dir(path: PathLike) -> None:
         os.close(fd)
 
 
+@contextlib.contextmanager
+def temporary_beside(path: PathLike, *, mode: int = 0o666) -> Iterator[Path]:
+    """A fresh temporary file beside ``path`` for the caller to fill and move into place.
+
+    Its name carries the pid, so that a cleaner can tell a live writer's temporary from a dead
+    one's; it gets permission bits ``mode`` less the umask, as ``open()`` would give it (not
+    mkstemp's 0600, which would hide the output from other users). On an exception inside the
+    ``with`` block it is removed.
+    """
+    path = Path(path)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}-", suffix=".tmp",
+                                dir=path.parent)
+    tmp = Path(name)
+    try:
+        try:
+            if hasattr(os, "fchmod"):
+                os.fchmod(fd, mode & ~process_umask())
+        finally:
+            os.close(fd)
+        yield tmp
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
 def atomic_write(path: PathLike, data: Union[bytes, str, Callable[[Any], None]], *,
                  mode: int = 0o666) -> Path:
     """Write ``data`` (bytes, str as UTF-8, or a function ``f(file)`` that writes to a binary
     file) to ``path`` atomically; the file gets permission bits ``mode`` less the umask, as
     ``open()`` would give it."""
     path = Path(path)
-    # the pid in the name lets a cleaner tell a live writer's temporary from a dead one's
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}-", suffix=".tmp",
-                               dir=path.parent)
-    try:
-        if hasattr(os, "fchmod"):  # mkstemp's 0600 would hide the file from other users
-            os.fchmod(fd, mode & ~process_umask())
-        with os.fdopen(fd, "wb") as f:
+    with temporary_beside(path, mode=mode) as tmp:
+        with open(tmp, "wb") as f:
             if callable(data):
                 data(f)
             else:
@@ -56,12 +80,6 @@ def atomic_write(path: PathLike, data: Union[bytes, str, Callable[[Any], None]],
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
     fsync_dir(path.parent)
     return path
 

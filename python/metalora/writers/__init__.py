@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, FrozenSet, Optional
 
-from .._io import fsync_dir, pid_alive, process_umask
+from .._io import fsync_dir, pid_alive, process_umask, temporary_beside
 from .._registry import Registry
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -272,12 +272,9 @@ def publish_file(path: os.PathLike, fill: Callable[[Path], None], *, overwrite: 
             if f.read(len(magic)) != magic:
                 raise AdapterError(path, f"exists and is not a {magic.decode('ascii', 'replace')} "
                                          f"file; refusing to replace it")
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
-    tmp = Path(name)
-    try:
-        os.close(fd)
+    with temporary_beside(path) as tmp:
         fill(tmp)
-        os.chmod(tmp, 0o666 & ~process_umask())  # mkstemp's 0600 would hide it from others
+        os.chmod(tmp, 0o666 & ~process_umask())  # in case fill() made the file anew
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         if overwrite:
@@ -289,13 +286,7 @@ def publish_file(path: os.PathLike, fill: Callable[[Path], None], *, overwrite: 
                 raise FileExistsError(f"{path}: already exists; pass overwrite=True to replace "
                                       f"it") from None
             os.unlink(tmp)
-        fsync_dir(parent)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    fsync_dir(parent)
     return path
 
 
