@@ -177,7 +177,6 @@ class TorchScorer:
         self.dtype = next(model.parameters()).dtype
         self.candidates = list(candidates)
         self.batch_candidates = max(1, int(batch_candidates))
-        self.evaluations = 0
         self.slots = _install_slots(model, bank.modules)
         ads = [bank[i] for i in self.candidates]
         for m, slot in self.slots.items():
@@ -265,7 +264,6 @@ class TorchScorer:
             finally:
                 for slot in self.slots.values():
                     slot.coef = None
-            self.evaluations += len(chunk)
         return out
 
     def nll(self, coefficients: np.ndarray) -> float:
