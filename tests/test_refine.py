@@ -104,6 +104,27 @@ def test_scorer_nll_equals_peft_with_the_cat_adapter_of_the_same_coefficients(mo
     np.testing.assert_allclose(batched, alone, rtol=0, atol=1e-5)
 
 
+def test_a_shared_instruction_runs_once_and_gives_the_same_nll(model_dir):
+    """Examples behind one long instruction: its cache is computed once per candidate and
+    repeated; the NLL equals that of running every full prompt (float32: a few ulps apart, the
+    attention over the cached prefix sums in another order)."""
+    from metalora.refine.scorer import TorchScorer, load_model
+
+    bank = metalora.Bank(demo_bank())
+    instruction = "Definition: answer with the time of day the sentence implies.\n\nInput: "
+    examples = [(instruction + i, o) for i, o in _examples(6)]
+    cand = [1, 2, 4]
+    shared = TorchScorer(*load_model(model_dir), bank, cand, examples, max_tokens=512)
+    assert shared.prefix >= len(instruction)  # one token per character here
+    whole = TorchScorer(*load_model(model_dir), bank, cand, examples, max_tokens=512)
+    whole.prefix = 0
+    cs = [np.zeros(3), np.array([0.7, -0.3, 1.2]), np.array([1.5, 0.1, 0.4])]
+    got, want = shared.nll_many(cs), whole.nll_many(cs)
+    for g, w in zip(got, want):
+        assert g == pytest.approx(w, abs=16 * float(np.spacing(np.float32(w))))
+    assert TorchScorer(*load_model(model_dir), bank, cand, _examples(6), max_tokens=512).prefix == 0
+
+
 def test_refined_adapter_is_never_worse_than_the_start_and_is_deterministic(model_dir, tmp_path):
     opts = {"model": model_dir, "budget": 14, "examples": 12, "seed": 3, "progress": False}
     a = metalora.generate(example_dataset(), demo_bank(), refine=opts, out=tmp_path / "a")

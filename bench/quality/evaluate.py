@@ -16,6 +16,13 @@ that picks one adapter, not a method) and ``val_single`` (the one with the best 
 Rouge-L). Tasks with a validation split also get ``metalora+val:...``, whose top_k and scale that
 split chooses (see ``VAL_CANDIDATES``).
 
+Forward-pass search on the task's own labelled examples (16 of the *training* split held out,
+never the test split): ``metalora+refine:<budget>`` is the library's refinement
+(``metalora.refine``: the distance-based sinkhorn/normalized top-16 prior, then base / top-k x
+scale grid, then CMA-ES; written in svd mode) after 24 and 64 model evaluations, and ``lorahub``
+is LoraHub's recipe as its paper describes it, as a peer (see :func:`lorahub_search`). Their
+search records (objectives, budget used, CPU seconds) go to ``refine.jsonl``.
+
 ``--extra FILE.jsonl`` evaluates a task of your own (rows with ``input``, ``output`` and
 ``split`` = ``train`` | ``validation`` | ``test``, validation optional; an ``instruction`` field,
 if any row has one, is the task's instruction in the instructed setting). Only those tasks are
@@ -35,6 +42,7 @@ adapter's, from which the two retrieval references are chosen; coefficients go t
 from __future__ import annotations
 
 import argparse
+import copy
 import csv
 import hashlib
 import json
@@ -63,6 +71,8 @@ from metalora.datasets import Dataset  # noqa: E402
 from metalora.bank_index import parameter_gram  # noqa: E402
 from metalora.distances import get_metric  # noqa: E402
 from metalora.generate import query_distances  # noqa: E402
+from metalora.refine import RefineOptions, holdout_split, search  # noqa: E402
+from metalora.refine.scorer import TorchScorer  # noqa: E402
 from metalora.signatures import signature  # noqa: E402
 
 N_TEST = 32
@@ -104,9 +114,64 @@ VAL_CANDIDATES = [(k, scale) for k in (1, 4, TOP_K) for scale in (0.5, 1.0)]
 VAL_N = 16
 SINGLE_SYSTEMS = ("oracle_single", "val_single")
 
+# Refinement (issue 13): one seeded search of the larger budget per task; the smaller budget's
+# result is the best of its first evaluations, which are exactly those a search with that budget
+# makes (the grid and CMA-ES's seeded sequence do not depend on the budget).
+REFINE_BUDGETS = (24, 64)
+REFINE_EXAMPLES = 16
+REFINE_SYSTEMS = tuple(f"metalora+refine:{b}" for b in REFINE_BUDGETS)
+# LoraHub as its paper describes it: 20 random adapters of the bank, weights from 0 searched by
+# nevergrad's NGOpt within [-1.5, 1.5] for 40 evaluations of the examples' loss + 0.05 * L1, the
+# adapters merged factor-wise (A = sum w A_j, B = sum w B_j: metalora's "linear" mode).
+LORAHUB = "lorahub"
+LORAHUB_K, LORAHUB_BUDGET, LORAHUB_BOUND, LORAHUB_L1 = 20, 40, 1.5, 0.05
+
 
 def system_name(distance: str, operator: str, mode: str) -> str:
     return f"metalora:{distance}:{operator}:{mode}"
+
+
+class RecordingScorer:
+    """A refinement scorer that keeps every coefficient vector it scores, in order, with the
+    process CPU time spent so far (so a smaller budget's result and cost can be read back)."""
+
+    def __init__(self, inner: TorchScorer):
+        self.inner, self.records, self.t0 = inner, [], time.process_time()
+
+    def nll_many(self, coefficients):
+        values = self.inner.nll_many(coefficients)
+        cpu = time.process_time() - self.t0
+        self.records += [(np.array(c, dtype=np.float64), float(v), cpu)
+                         for c, v in zip(coefficients, values)]
+        return values
+
+    def nll_adapter(self, adapter) -> float:
+        return self.inner.nll_adapter(adapter)
+
+
+def lorahub_search(scorer: TorchScorer, bank, chosen: List[int], seed: int):
+    """LoraHub's search over the weights of ``chosen`` adapters (see ``LORAHUB``): nevergrad's
+    NGOpt from zeros, each candidate merged in linear mode and scored on the held-out examples.
+    Returns the full bank weight vector of NGOpt's recommendation and the evaluations made."""
+    import nevergrad as ng
+
+    def full(x):
+        w = np.zeros(len(bank))
+        w[chosen] = x
+        return w
+
+    def objective(x):
+        w = full(np.asarray(x, dtype=np.float64))
+        if not np.any(w):
+            return scorer.nll_base()
+        return scorer.nll_adapter(combine_adapters(bank, w, mode="linear")) + \
+            LORAHUB_L1 * float(np.abs(w).sum())
+
+    param = ng.p.Array(init=np.zeros(len(chosen)), lower=-LORAHUB_BOUND, upper=LORAHUB_BOUND)
+    param.random_state = np.random.RandomState(seed)
+    opt = ng.optimizers.NGOpt(parametrization=param, budget=LORAHUB_BUDGET)
+    best = opt.minimize(objective)
+    return full(np.asarray(best.value, dtype=np.float64)), opt.num_tell
 
 
 class LoraSlot(torch.nn.Module):
@@ -377,6 +442,8 @@ def main(argv=None) -> int:
     Dbank = {m: v[[row_of[j] for j in ids]] for m, v in D.items()}
 
     model, tok = load_model()
+    searches = [s for s in REFINE_SYSTEMS + (LORAHUB,) if not args.systems or s in args.systems]
+    pristine = load_model()[0] if searches else None   # copied for each search's own scorer
     modules = sorted({m for j in ids for m in bank[j].names})
     scorer = Scorer(model, tok, modules, setting)
     coef_file = open(out / "coefficients.jsonl", "a")
@@ -396,7 +463,7 @@ def main(argv=None) -> int:
         done.add((task, system))
         if weights is not None:
             coef_file.write(json.dumps({"task": task, "system": system, "weights": {
-                ids[j]: round(float(w), 6) for j, w in enumerate(weights) if w > 0}}) + "\n")
+                ids[j]: round(float(w), 6) for j, w in enumerate(weights) if w != 0}}) + "\n")
             coef_file.flush()
         print(f"  {system:48s} rougeL {res['rougeL']:.3f} (paper's {res['rougeL_paper']:.3f})  "
               f"EM {res['exact_match']:.3f}  NLL {res['nll']:.3f}  (make {t2 - t1:.2f} s, "
@@ -429,6 +496,63 @@ def main(argv=None) -> int:
                 new += 1
         if new:
             print(f"  single adapters: {new} evaluations, {time.time() - t1:.0f} s", flush=True)
+        return found
+
+    def search_scorer(candidates: List[int], examples) -> TorchScorer:
+        """The library's scorer on a fresh bf16 copy of the base model (it installs its own
+        layers), the examples already in the setting's prompt format."""
+        return TorchScorer(copy.deepcopy(pristine).to(torch.bfloat16), tok, bank, candidates,
+                           examples, template="{input}", max_tokens=setting.max_tokens)
+
+    def searched_adapters(task: str, held: List[int], keep: List[int]) -> Dict[str, tuple]:
+        """``metalora+refine:<budget>`` and ``lorahub`` adapters of ``task`` (with their weights),
+        searched on REFINE_EXAMPLES rows held out of its training split (as ``generate`` holds
+        them out: the distances use the rest); records to refine.jsonl."""
+        rows, ins = tasks[task]["train"], tasks[task]["instruction"]
+        kept, heldout = holdout_split(len(rows), REFINE_EXAMPLES, seed=0)
+        examples = [(setting.prompt(rows[i]["input"], ins), rows[i]["output"]) for i in heldout]
+        found: Dict[str, tuple] = {}
+        c0, w0 = time.process_time(), time.time()
+        query = signature(task_dataset([rows[i] for i in kept], task, setting, ins),
+                          kind="embedding", embedder=embedder)
+        d = query_distances(query, [sigs["embedding"][j] for j in ids], "sinkhorn")
+        prior = coefficients(d, operator="normalized", top_k=TOP_K, exclude=held)
+        cand = [int(i) for i in np.argsort(-prior, kind="stable") if prior[i] > 0]
+        rec = RecordingScorer(search_scorer(cand, examples))
+        setup = time.process_time() - c0
+        res = search(rec, prior[cand], RefineOptions(budget=max(REFINE_BUDGETS),
+                                                     examples=REFINE_EXAMPLES, progress=False))
+        for budget, system in zip(REFINE_BUDGETS, REFINE_SYSTEMS):
+            first = rec.records[:budget]
+            i_best = min(range(len(first)), key=lambda i: first[i][1])  # first of equal minima
+            c, objective, cpu = first[i_best]
+            w = np.zeros(nb)
+            w[cand] = c
+            adapter = combine_adapters(bank, w, mode="svd") if np.any(w) else None
+            c1 = time.process_time()
+            written = rec.nll_adapter(adapter) if adapter is not None else objective
+            found[system] = (adapter, w)
+            write_jsonl(out / "refine.jsonl", [{
+                "task": task, "system": system, "budget": budget, "evaluations": len(first),
+                "start_objective": first[0][1], "base_objective": res.base_objective,
+                "objective": objective, "written_nll": written, "best_stage": res.tried[i_best],
+                "cpu_s": setup + cpu + time.process_time() - c1}], mode="a")
+        assert found[REFINE_SYSTEMS[-1]][1][cand].tolist() == res.coefficients.tolist()
+        if (task, LORAHUB) not in done and (not args.systems or LORAHUB in args.systems):
+            c0 = time.process_time()
+            chosen = sorted(int(j) for j in np.random.default_rng(task_seed(task)).choice(
+                keep, size=min(LORAHUB_K, len(keep)), replace=False))
+            scorer = search_scorer(chosen, examples)
+            w, evaluations = lorahub_search(scorer, bank, chosen, seed=task_seed(task))
+            adapter = combine_adapters(bank, w, mode="linear") if np.any(w) else None
+            written = scorer.nll_adapter(adapter) if adapter is not None else scorer.nll_base()
+            found[LORAHUB] = (adapter, w)
+            write_jsonl(out / "refine.jsonl", [{
+                "task": task, "system": LORAHUB, "budget": LORAHUB_BUDGET,
+                "evaluations": evaluations, "objective": written + LORAHUB_L1 * float(
+                    np.abs(w).sum()), "written_nll": written,
+                "cpu_s": time.process_time() - c0}], mode="a")
+        print(f"  searches: {time.time() - w0:.0f} s", flush=True)
         return found
 
     for n_done, task in enumerate(names):
@@ -494,6 +618,12 @@ def main(argv=None) -> int:
         has_val = bool(tasks[task].get("validation"))
         if has_val:
             run(task, VAL_SYSTEM, make_validated)
+
+        todo = [s for s in searches if (task, s) not in done]
+        if todo:
+            found_adapters = searched_adapters(task, held, keep)
+            for system in todo:
+                run(task, system, lambda system=system: found_adapters[system])
 
         # Retrieval references: the single adapter best on the test split (an upper bound for
         # any one-adapter choice) and the one best on the validation split; ties go to the

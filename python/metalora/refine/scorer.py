@@ -8,7 +8,10 @@ only a coefficient vector changes between candidates:
 where :math:`c_{rep}` repeats :math:`c_j` over adapter j's rank. No PEFT model is rebuilt per
 candidate, and several candidates run in one batched forward (each takes its own copy of the
 examples in the batch). The score is the mean teacher-forced negative log-likelihood per target
-token of the held-out outputs.
+token of the held-out outputs. A token prefix every prompt shares (a task instruction before each
+input, as in Natural-Instructions prompts) runs once per candidate, not once per example: causal
+attention makes its states independent of what follows, so its key/value cache is repeated over
+the examples.
 
 :class:`Scorer` is the interface the search uses; :class:`TorchScorer` runs a transformers model
 (a local folder or a GGUF file, which transformers dequantises to float32). Another engine (e.g.
@@ -106,6 +109,22 @@ def check_model_matches_bank(model, bank: "Bank") -> None:
                                f"{base}): " + "; ".join(problems))
 
 
+#: A prompt prefix shared by every held-out example runs once when it is at least this long.
+MIN_SHARED_PREFIX = 16
+
+
+def shared_prefix(prompts: Sequence[Sequence[int]]) -> int:
+    """Length of the token prefix all ``prompts`` share, each keeping at least one token of its
+    own (its last prompt position predicts the first target token); 0 below
+    :data:`MIN_SHARED_PREFIX` or for a single prompt (nothing to share)."""
+    if len(prompts) < 2:
+        return 0
+    n = min(len(p) for p in prompts) - 1
+    first = prompts[0]
+    k = next((i for i in range(n) if any(p[i] != first[i] for p in prompts)), max(n, 0))
+    return k if k >= MIN_SHARED_PREFIX else 0
+
+
 def _install_slots(model, modules: Sequence[str]):
     import torch
 
@@ -188,7 +207,6 @@ class TorchScorer:
             slot.A = torch.from_numpy(np.concatenate(As, 0)).to(self.dtype)
             slot.B = torch.from_numpy(np.concatenate(Bs, 1)).to(self.dtype)
             slot.rep = torch.tensor(np.repeat(np.arange(len(ads)), [x.shape[0] for x in As]))
-        self._batch = self._encode(examples, template, max_tokens)
         # decoder + linear head (the Llama family and most causal LMs); anything else (a
         # soft-capped or scaled head) goes through the model's own logits
         self._decoder = getattr(model, "get_decoder", lambda: None)()
@@ -197,6 +215,19 @@ class TorchScorer:
                 or getattr(model.config, "final_logit_softcapping", None)
                 or getattr(model.config, "logit_scale", None)):
             self._head = None
+        self._batch = self._encode(examples, template, max_tokens)
+
+    def _cacheable(self) -> bool:
+        """Whether the shared prompt prefix can run once: a decoder with a linear head whose
+        key/value cache can be repeated over the batch (the Llama family and most causal LMs)."""
+        import inspect
+
+        if self._head is None or getattr(self.model.config, "use_cache", True) is False:
+            return False
+        args = inspect.signature(self._decoder.forward).parameters
+        # transformers 5 calls the decoder's cache argument `cache`, 4 `past_key_values`
+        self._cache_arg = next((a for a in ("cache", "past_key_values") if a in args), None)
+        return self._cache_arg is not None
 
     def _encode(self, examples, template: str, max_tokens: int):
         import torch
@@ -211,6 +242,7 @@ class TorchScorer:
             prompt = tok(template.format(input=inp), add_special_tokens=False)["input_ids"]
             prompt = prompt[-(max_tokens - len(target)):]
             pairs.append((prompt, target))
+        self.prefix = shared_prefix([p for p, _ in pairs]) if self._cacheable() else 0
         n = max(len(p) + len(t) for p, t in pairs)
         ids = torch.full((len(pairs), n), eos, dtype=torch.long)
         mask = torch.zeros((len(pairs), n), dtype=torch.long)
@@ -226,19 +258,29 @@ class TorchScorer:
         import torch
 
         ids, mask, labels = self._batch
-        n = ids.shape[0]
+        n, k = ids.shape[0], self.prefix
         with torch.no_grad():
-            ids, mask, lab = ids.repeat(P, 1), mask.repeat(P, 1), labels.repeat(P, 1)[:, 1:]
+            ids, mask, lab = ids.repeat(P, 1), mask.repeat(P, 1), labels.repeat(P, 1)[:, k + 1:]
             keep = lab != -100
-            if self._head is not None:  # the vocabulary projection on target positions only
-                hidden = self._decoder(input_ids=ids, attention_mask=mask).last_hidden_state
-                logits = torch.nn.functional.linear(hidden[:, :-1][keep].float(),
-                                                    self._head.weight.float(),
-                                                    None if self._head.bias is None
-                                                    else self._head.bias.float())
+            if self._head is None:  # the model's own logits (a soft-capped or scaled head)
+                logits = self.model(input_ids=ids, attention_mask=mask).logits[:, :-1][keep]
             else:
-                out = self.model(input_ids=ids, attention_mask=mask)
-                logits = out.logits[:, :-1][keep].float()
+                if k:  # the shared prefix once per candidate, its cache repeated over the examples
+                    out = self._decoder(input_ids=ids[::n, :k], use_cache=True)
+                    cache = getattr(out, "cache", None) or out.past_key_values
+                    cache.batch_repeat_interleave(n)
+                    hidden = self._decoder(input_ids=ids[:, k:], attention_mask=mask,
+                                           use_cache=True, **{self._cache_arg: cache},
+                                           position_ids=torch.arange(k, ids.shape[1]).expand(
+                                               len(ids), -1)).last_hidden_state
+                else:
+                    hidden = self._decoder(input_ids=ids, attention_mask=mask).last_hidden_state
+                # the vocabulary projection on target positions only
+                head = self._head
+                logits = torch.nn.functional.linear(
+                    hidden[:, :-1][keep].float(), head.weight.float(),
+                    None if head.bias is None else head.bias.float())
+            logits = logits.float()
             nll = torch.nn.functional.cross_entropy(logits, lab[keep], reduction="none")
             per_row = torch.zeros(P * n, dtype=torch.float64).index_add_(
                 0, torch.nonzero(keep)[:, 0], nll.double())
