@@ -197,3 +197,22 @@ def test_nothing_but_refine_imports_torch():
             "print(sorted(m for m in ('torch', 'transformers', 'cma') if m in sys.modules))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert proc.stdout.strip() == "[]"
+
+
+def test_ngopt_search_is_never_worse_than_the_start_and_is_deterministic(model_dir):
+    pytest.importorskip("nevergrad")
+    from metalora.refine import RefineOptions, search
+    from metalora.refine.scorer import TorchScorer, load_model
+
+    bank = metalora.Bank(demo_bank())
+    cand = [0, 3, 5, 7]
+    scorer = TorchScorer(*load_model(model_dir), bank, cand, _examples(8), max_tokens=512)
+    opts = RefineOptions(budget=16, examples=8, seed=2, optimizer="ngopt", progress=False)
+    start = np.array([0.4, 0.3, 0.2, 0.1])
+    a, b = search(scorer, start, opts), search(scorer, start, opts)
+    assert a.evaluations == 16 and a.objective <= a.start_objective
+    assert any(t["stage"] == "ngopt" for t in a.tried)
+    assert a.coefficients.tolist() == b.coefficients.tolist()
+    assert [t["objective"] for t in a.tried] == [t["objective"] for t in b.tried]
+    with pytest.raises(ValueError, match="optimizer must be one of"):
+        RefineOptions(optimizer="adam")

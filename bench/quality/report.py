@@ -210,6 +210,10 @@ def setting_section(name: str, results: Path, level: str = "##") -> tuple:
                              "difference vs `{}` {:+.3f} [{:+.3f}, {:+.3f}].".format(
                                  best["system"], *paired_difference(table, tasks, r["system"],
                                                                     best["system"])))
+        searched = search_lines(table, tasks, results, {r["system"]: r for r in all_rows})
+        if searched:
+            lines += ["", "Forward-pass searches on 16 rows held out of each task's training split "
+                      "(never its test split):", *searched]
         lines.append("")
         shown = (["base", "uniform", "meancos_top8", best["system"]]
                  + [s for s in systems if s.startswith("metalora+val:")] + ["trained"])
@@ -224,6 +228,35 @@ def setting_section(name: str, results: Path, level: str = "##") -> tuple:
                     coefs[r["task"]] = r["weights"]
         plot_heatmap(coefs, in_order, bank, best["system"], results / "coefficients_heatmap.png")
     return lines, {r["system"]: r for r in all_rows}, best
+
+
+def search_lines(table, tasks: List[str], results: Path, rows: Dict[str, dict]) -> List[str]:
+    """Headlines of the forward-pass searches (``metalora+refine:<budget>``, ``lorahub``): each
+    against the defaults, LoraHub and base on the tasks both have, with CPU seconds per task
+    (``refine.jsonl``: the search, from the setting's held-out training rows, and the written
+    adapter's score; the last record of a task and system counts)."""
+    cpu: Dict[str, Dict[str, float]] = defaultdict(dict)
+    path = results / "refine.jsonl"
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            r = json.loads(line)
+            cpu[r["system"]][r["task"]] = r["cpu_s"]
+    out = []
+    for s in sorted(cpu, key=lambda x: (x == "lorahub", x)):
+        if s not in rows:
+            continue
+        r = rows[s]
+        c = np.array([cpu[s][t] for t in tasks if t in cpu[s] and s in table[t]])
+        rivals = "; ".join("vs `{}` {:+.3f} [{:+.3f}, {:+.3f}]".format(
+            o, *paired_difference(table, tasks, s, o))
+            for o in (DEFAULTS, "lorahub", "metalora+val:sinkhorn:normalized:svd", "base")
+            if o != s and o in rows)
+        out.append(f"- `{s}`: Rouge-L {r['rougeL']:.3f} on {r['n_tasks']} tasks; beats base on "
+                   f"{_pct(r['beats_base'])}; closes {_pct(r['gap_closed'])} of the gap (ratio of "
+                   f"means), {_pct(r['gap_closed_per_task'])} (mean per task); search CPU seconds "
+                   f"per task median {np.median(c):.0f}, max {c.max():.0f} (2 cores: wall time "
+                   f"about half); paired Rouge-L differences {rivals}.")
+    return out
 
 
 def paper_table(by_setting: Dict[str, tuple]) -> List[str]:
@@ -258,6 +291,10 @@ def paper_table(by_setting: Dict[str, tuple]) -> List[str]:
              ("metalora+val (validation split picks top_k and scale)", "–",
               lambda n: cell(n, next((s for s in by_setting[n][0]
                                       if s.startswith("metalora+val:")), None))),
+             ("metalora+refine:64 (forward-pass search on 16 training rows)", "–",
+              lambda n: cell(n, "metalora+refine:64")),
+             ("LoraHub's recipe (20 random adapters, NGOpt, 40 evaluations)", "–",
+              lambda n: cell(n, "lorahub")),
              ("trained LoRA of the task", f"{PAPER['trained']:.3f}",
               lambda n: cell(n, "trained")),
              ("gap closed by the paper's rule (ratio of means)", _pct(gap),

@@ -154,7 +154,7 @@ def generate(dataset: Union[str, Path, Dataset], bank: Union[str, Path, Bank], *
         if options.model is None:
             raise ValueError("refinement needs the base model: refine={'model': PATH} (a "
                              "transformers folder or a .gguf file)")
-        refinement.require_extra()
+        refinement.require_extra(options.optimizer)
         if any(o is None for o in dataset.outputs):
             raise ValueError("refinement scores the dataset's outputs, but it has none")
         kept, held = refinement.holdout_split(len(dataset), options.examples, options.seed)

@@ -14,9 +14,10 @@ gradient is taken. The search, in order:
 2. a structured grid around it: the base model alone (:math:`c = 0`: the honest answer when
    nothing in the bank fits), and the top-k of the prior, renormalised, for each ``k`` in
    ``top_ks`` at each global ``scale`` in ``scales``;
-3. CMA-ES (the ``cma`` package) on the coefficient vector of the best grid point's adapters,
-   started there, bounded to ``[-bound, bound]``, until the budget is spent. Each generation's
-   candidates are scored in batched forward passes.
+3. CMA-ES (the ``cma`` package; or nevergrad's ``NGOpt`` with ``optimizer="ngopt"``) on the
+   coefficient vector of the best grid point's adapters, started there, bounded to
+   ``[-bound, bound]``, until the budget is spent. Each generation's candidates are scored in
+   batched forward passes.
 
 The start is always evaluated and the best point found is returned, so the result is never worse
 on the objective than the start. Deterministic for a seed (and a fixed thread count).
@@ -38,6 +39,8 @@ from .._progress import Progress
 __all__ = ["RefineOptions", "RefineResult", "holdout_split", "search", "require_extra"]
 
 INSTALL = "pip install 'metalora[refine]'"
+#: step 3's optimisers, with the package each needs
+OPTIMIZERS = {"cma": "cma", "ngopt": "nevergrad"}
 
 
 @dataclass(frozen=True)
@@ -60,7 +63,10 @@ class RefineOptions:
     l1 : float
         Weight of the L1 penalty :math:`\lambda` (LoraHub uses 0.05; default 0).
     bound : float
-        CMA-ES keeps every coefficient in ``[-bound, bound]`` (LoraHub's 1.5).
+        The optimiser keeps every coefficient in ``[-bound, bound]`` (LoraHub's 1.5).
+    optimizer : {"cma", "ngopt"}
+        Step 3's gradient-free optimiser: CMA-ES from ``cma`` (the default) or nevergrad's
+        ``NGOpt`` (needs ``pip install nevergrad``), which LoraHub uses.
     template : str
         Prompt of an example, ``template.format(input=...)``: the format the bank was trained on
         (the built-in bank: ``"{input}\\n"``).
@@ -82,6 +88,7 @@ class RefineOptions:
     scales: Tuple[float, ...] = (0.5, 1.0)
     l1: float = 0.0
     bound: float = 1.5
+    optimizer: str = "cma"
     template: str = "{input}\n"
     max_tokens: int = 128
     dtype: str = "float32"
@@ -99,6 +106,9 @@ class RefineOptions:
             raise ValueError("refine top_ks and scales must be non-empty; scales positive")
         if not self.l1 >= 0 or not self.bound > 0:
             raise ValueError(f"refine l1 must be >= 0 and bound > 0, got {self.l1}, {self.bound}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"refine optimizer must be one of {sorted(OPTIMIZERS)}, got "
+                             f"{self.optimizer!r}")
         if "{input}" not in self.template:
             raise ValueError(f"refine template must contain '{{input}}', got {self.template!r}")
         if self.dtype not in ("float32", "bfloat16"):
@@ -139,11 +149,15 @@ class RefineResult:
         return d
 
 
-def require_extra() -> None:
-    """Raise one ImportError line naming the extra when torch, transformers or cma is missing."""
+def require_extra(optimizer: str = "cma") -> None:
+    """Raise one ImportError line naming the extra when torch, transformers or the optimiser's
+    package is missing."""
     import importlib.util
 
-    missing = [m for m in ("torch", "transformers", "cma") if importlib.util.find_spec(m) is None]
+    needed = ("torch", "transformers", OPTIMIZERS.get(optimizer, "cma"))
+    missing = [m for m in needed if importlib.util.find_spec(m) is None]
+    if missing == ["nevergrad"]:
+        raise ImportError("refine optimizer 'ngopt' needs nevergrad: pip install nevergrad")
     if missing:
         raise ImportError(f"refinement needs {', '.join(missing)}: {INSTALL}")
 
@@ -174,8 +188,6 @@ def search(scorer, start: np.ndarray, options: RefineOptions) -> RefineResult:
     ``start`` is the distance-based coefficient vector over the candidates (sorted by it, largest
     first, or not: only its values matter). See the module docstring for the steps.
     """
-    import cma
-
     t0 = time.perf_counter()
     start = np.asarray(start, dtype=np.float64)
     K = start.size
@@ -186,7 +198,7 @@ def search(scorer, start: np.ndarray, options: RefineOptions) -> RefineResult:
     bar = Progress(budget, "metalora refine", "evaluation", True if options.progress else False)
 
     def evaluate(cands: List[np.ndarray], labels: List[Dict[str, Any]]) -> List[float]:
-        cands = [np.clip(c, -options.bound, options.bound) if lab.get("stage") == "cma" else c
+        cands = [np.clip(c, -options.bound, options.bound) if lab.get("stage") in ("cma", "ngopt") else c
                  for c, lab in zip(cands, labels)]
         todo = [i for i, c in enumerate(cands) if c.tobytes() not in seen]
         room = budget - len(seen)
@@ -229,24 +241,54 @@ def search(scorer, start: np.ndarray, options: RefineOptions) -> RefineResult:
                                          -options.bound, options.bound)
                     evaluate([c], [{"stage": "scan", "k": 1, "scale": float(s)}])
             else:
-                es = cma.CMAEvolutionStrategy(
-                    x0, sigma, {"seed": options.seed + 1, "verbose": -9,
-                                "bounds": [-options.bound, options.bound]})
-                generation = 0
-                while len(seen) < budget and not es.stop():
-                    xs = es.ask()
-                    cands = []
-                    for x in xs:
-                        c = np.zeros(K)
-                        c[support] = x
-                        cands.append(c)
-                    generation += 1
-                    fs = evaluate(cands, [{"stage": "cma", "generation": generation}] * len(xs))
-                    if any(not np.isfinite(f) for f in fs):  # budget ran out mid-generation
-                        break
-                    es.tell(xs, fs)
+                optimise = _cma if options.optimizer == "cma" else _ngopt
+                optimise(evaluate, x0, sigma, support, K, options, lambda: len(seen) < budget)
     finally:
         bar.close()
     return RefineResult(coefficients=best["c"], objective=float(best["f"]),
                         start_objective=float(f_start), base_objective=float(f_base),
                         evaluations=len(seen), tried=tried, seconds=time.perf_counter() - t0)
+
+
+def _cma(evaluate, x0, sigma, support, K, options: RefineOptions, room) -> None:
+    """CMA-ES generations until the budget is spent (``room()`` false) or CMA-ES stops."""
+    import cma
+
+    es = cma.CMAEvolutionStrategy(x0, sigma, {"seed": options.seed + 1, "verbose": -9,
+                                              "bounds": [-options.bound, options.bound]})
+    generation = 0
+    while room() and not es.stop():
+        xs = es.ask()
+        generation += 1
+        fs = evaluate([_embed(x, support, K) for x in xs],
+                      [{"stage": "cma", "generation": generation}] * len(xs))
+        if any(not np.isfinite(f) for f in fs):  # budget ran out mid-generation
+            break
+        es.tell(xs, fs)
+
+
+def _ngopt(evaluate, x0, sigma, support, K, options: RefineOptions, room, batch: int = 4) -> None:
+    """nevergrad's NGOpt, ``batch`` asks scored together, until the budget is spent (or it
+    keeps proposing points already scored)."""
+    import nevergrad as ng
+
+    param = ng.p.Array(init=np.clip(x0, -options.bound, options.bound), lower=-options.bound,
+                       upper=options.bound).set_mutation(sigma=sigma)
+    param.random_state = np.random.RandomState(options.seed + 1)
+    opt = ng.optimizers.NGOpt(parametrization=param, budget=options.budget, num_workers=batch)
+    for round_ in range(1, 4 * options.budget + 1):
+        if not room():
+            break
+        asks = [opt.ask() for _ in range(batch)]
+        fs = evaluate([_embed(np.asarray(a.value, dtype=np.float64), support, K) for a in asks],
+                      [{"stage": "ngopt", "round": round_}] * batch)
+        for a, f in zip(asks, fs):
+            if np.isfinite(f):
+                opt.tell(a, f)
+
+
+def _embed(x: np.ndarray, support: np.ndarray, K: int) -> np.ndarray:
+    """The full coefficient vector with ``x`` on ``support``."""
+    c = np.zeros(K)
+    c[support] = x
+    return c
