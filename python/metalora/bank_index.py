@@ -3,7 +3,10 @@ r"""The bank index: what is computed once per bank and stored beside it.
 ``metalora bank index`` and :func:`metalora.generate` share it. For a bank it holds
 
 * the signatures of the bank's datasets (in the content-addressed signature cache,
-  :mod:`metalora.signatures`),
+  :mod:`metalora.signatures`; ``metalora bank index --pack`` also stores them *in* the index as
+  a float16, checksummed :class:`~metalora.signatures.SignaturePack`, so that a bank given
+  away with its ``metalora-index/`` folder is never embedded again — the built-in bank ships
+  one; :func:`pack_bank`),
 * per metric and options, the bank-vs-bank distance matrix :math:`D` (used by ``tau="auto"``, the
   neural operator and ``metalora plot``), computed in independent row blocks
   (:func:`distance_block`) so that the blocks can run anywhere and be assembled,
