@@ -222,6 +222,7 @@ def _help(argv) -> str:
     (["--distance", "kl"], "pass --tokenizer"),
     (["--distance", "kl", "--tokenizer", "/nonexistent/tokenizer.json"], "tokenizer.json not found"),
     (["--n", "0"], "expected a positive number of examples or 'all'"),
+    (["--top-k", "0"], "top_k must be a positive integer"),
 ])
 def test_cli_refuses_incompatible_options_before_embedding(bank, tmp_path, capsys, argv, message,
                                                            no_real_embedding):
@@ -249,6 +250,15 @@ def test_an_output_that_cannot_be_written_is_refused_before_embedding(bank, tmp_
     assert main(["generate", "--data", str(example_dataset()), "--bank", str(bank.path),
                  "--out", str(tmp_path / "missing" / "adapter")]) == 2
     assert "choose another --out" in capsys.readouterr().err
+
+
+def test_auto_tau_on_a_tiny_bank_is_refused_before_embedding(bank, tmp_path):
+    manifest = bank.path / "bank.jsonl"
+    manifest.write_text("".join(manifest.read_text().splitlines(True)[:2]))
+    user = FakeEmbedder()
+    with pytest.raises(ValueError, match="needs at least 3 adapters"):
+        metalora.generate(example_dataset(), metalora.Bank(bank.path), embedder=user, tau="auto")
+    assert user.embedded == 0
 
 
 @pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0,

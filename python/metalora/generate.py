@@ -142,8 +142,8 @@ def generate(dataset: Union[str, Path, Dataset], bank: Union[str, Path, Bank], *
     if spec.kind.signature == "tokens" and tokenizer is None:
         raise ValueError(f"distance={distance!r} compares token ids: pass tokenizer= the base "
                          f"model's tokenizer.json (or use an embedding metric such as 'sinkhorn')")
-    if n is not None:
-        positive_int(n, "n")
+    positive_int(n, "n", allow_none=True)
+    positive_int(top_k, "top_k", allow_none=True)
     from .combine import check_options
 
     check_options(mode, rank, "float32", threads)  # e.g. rank= with mode='cat'
@@ -154,6 +154,10 @@ def generate(dataset: Union[str, Path, Dataset], bank: Union[str, Path, Bank], *
     if not isinstance(bank, Bank):
         bank = Bank(bank)
     check_rank(bank, mode, rank, top_k)
+    if tau == "auto" and len(bank) < 3:
+        raise ValueError(f"tau='auto' chooses the temperature by leave-one-out on the bank, which "
+                         f"needs at least 3 adapters (this bank has {len(bank)}): pass a number "
+                         f"as tau=")
     if out is not None:  # before any work: never into the bank, never over an adapter unasked
         check_out_path(out, bank, dataset, overwrite=overwrite)
     if isinstance(dataset, (str, Path)):
@@ -344,7 +348,7 @@ def check_rank(bank: Bank, mode: str, rank: Optional[int], top_k: Optional[int])
     k = len(bank) if top_k is None else min(int(top_k), len(bank))
     worst, where = None, None
     for m in bank.modules:
-        ranks = sorted((bank[i].ranks[m] for i in range(len(bank))), reverse=True)
+        ranks = sorted((bank[i].ranks.get(m, 0) for i in range(len(bank))), reverse=True)
         total = int(sum(ranks[:k]))
         if worst is None or total < worst:
             worst, where = total, m
