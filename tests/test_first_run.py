@@ -303,7 +303,10 @@ def test_the_builtin_bank_ships_a_verified_index(tmp_path, monkeypatch, capsys, 
         assert main(["generate", "--data", str(root / "tasks" / EXAMPLE_TASK / "train.jsonl"),
                      "--bank", str(root / "bank"), "--tau", "auto",
                      "--out", str(tmp_path / "adapter")]) == 0
-    assert "recomputing" not in caplog.text and "embedding" not in caplog.text, caplog.text
+    assert "recomputing" not in caplog.text and "embedding" not in caplog.text, (
+        f"{caplog.text}\nthe shipped index no longer matches (embedder or bank changed): re-run "
+        f"`metalora bank index bench/quality/bank --pack --pack-extra "
+        f"bench/quality/tasks/{EXAMPLE_TASK}/train.jsonl` and commit bank/metalora-index")
     text = capsys.readouterr().out
     assert all("_mctaco_" in line for line in text.split("drew on:")[1].strip().splitlines()[:4])
     assert main(["generate", "--example", "--out", str(tmp_path / "example")]) == 0
