@@ -561,8 +561,11 @@ def build_parser() -> argparse.ArgumentParser:
                                     "parameter Gram matrix (in BANK/metalora-index/, or the user "
                                     "cache when the bank is read-only). Entries record hashes of "
                                     "their inputs and are recomputed when the bank changes. "
-                                    "--neural also trains the neural operator for --distance "
-                                    "(needs torch).")
+                                    "--pack also stores the signatures themselves in the index "
+                                    "(float16, checksummed), so that the bank can be given away "
+                                    "with its metalora-index/ folder and never be embedded "
+                                    "again. --neural also trains the neural operator for "
+                                    "--distance (needs torch).")
     p.add_argument("bank", metavar="BANK")
     p.add_argument("--distance", choices=list(METRICS), default="sinkhorn",
                    help="metric to index (default sinkhorn)")
