@@ -17,7 +17,8 @@ variant per round, min and median over rounds):
 Accuracy: cosine of each row to the fp32 reference (which matches torch's BertModel to 2e-7,
 ``bench/embed_accuracy.py``); the bar is min cosine >= 0.999. The tokenizer's batch encoding is
 timed alone (``tokenize``). bf16: ONNX Runtime's CPU execution provider has no bfloat16 MatMul
-on x86 (its bf16 fast-math GEMM is an arm64 option), so no bf16 variant is offered.
+(a bf16 MatMul graph is refused with NOT_IMPLEMENTED by onnxruntime 1.32; its bf16 fast-math
+GEMM is an arm64 option), so no bf16 variant is offered.
 
     PYTHONPATH=python nice python bench/embed_variants.py [--rounds 3] [--coefficients]
 
