@@ -3,7 +3,10 @@ r"""The bank index: what is computed once per bank and stored beside it.
 ``metalora bank index`` and :func:`metalora.generate` share it. For a bank it holds
 
 * the signatures of the bank's datasets (in the content-addressed signature cache,
-  :mod:`metalora.signatures`),
+  :mod:`metalora.signatures`; ``metalora bank index --pack`` also stores them *in* the index as
+  a float16, checksummed :class:`~metalora.signatures.SignaturePack`, so that a bank given
+  away with its ``metalora-index/`` folder is never embedded again — the built-in bank ships
+  one; :func:`pack_bank`),
 * per metric and options, the bank-vs-bank distance matrix :math:`D` (used by ``tau="auto"``, the
   neural operator and ``metalora plot``), computed in independent row blocks
   (:func:`distance_block`) so that the blocks can run anywhere and be assembled,
@@ -37,9 +40,10 @@ import numpy as np
 from ._io import atomic_write, positive_int
 from ._progress import Progress
 from .bank import Bank
+from .signatures import DEFAULT_N, DEFAULT_SEED
 
 __all__ = ["BankIndex", "bank_signatures", "parameter_gram", "distance_block", "row_blocks",
-           "signature_digest", "INDEX_DIR", "BankIndexError"]
+           "signature_digest", "pack_bank", "pack_path", "INDEX_DIR", "BankIndexError"]
 
 _log = logging.getLogger("metalora")
 
@@ -95,30 +99,82 @@ def _file_sha256(path: Path) -> str:
 
 
 def bank_signatures(bank: Bank, *, kind: str = "embedding", embedder=None, tokenizer=None,
-                    cache: Any = True, n: Optional[int] = None, seed: int = 0,
-                    progress: bool = True) -> list:
-    """Signatures of every bank adapter's dataset (from the signature cache when computed).
+                    cache: Any = True, n: Optional[int] = DEFAULT_N, seed: int = DEFAULT_SEED,
+                    progress: bool = True, packs: Optional[Sequence[Any]] = None) -> list:
+    """Signatures of every bank adapter's dataset: from the bank's shipped signature pack when
+    it holds them, else from the signature cache, else computed (and cached).
+
+    ``n``/``seed``: the seeded subsample of every dataset (default
+    :data:`metalora.signatures.DEFAULT_N`, what every command uses; ``None``: all examples).
+    ``packs``: the :class:`~metalora.signatures.SignaturePack` list to consult (default: the
+    bank index's, :meth:`BankIndex.packs`; ``[]`` for none). A pack that does not serve this
+    run (another embedder, another ``n``, an edited dataset) is logged with the reason.
 
     Raises a ValueError naming the adapters whose manifest entry has no ``dataset``.
     """
-    from .signatures import signature
+    from .signatures import signature, signature_key
 
     missing = [k for k in bank.ids if bank.dataset_path(k) is None]
     if missing:
         raise ValueError(f"bank adapters {missing[:5]} have no dataset: add a \"dataset\" path to "
                          f"their line of the bank's bank.jsonl manifest")
     if kind == "embedding" and embedder is None:
-        from .embed import Embedder
+        from .embed import default_embedder
 
-        embedder = Embedder(progress=False)  # one bar for the whole bank below
+        embedder = default_embedder(progress=False)  # one bar for the whole bank below
+    if kind != "embedding":
+        packs = []
+    elif packs is None:
+        packs = BankIndex(bank).packs()
+    datasets = None
+    if packs:  # which bank datasets the packs cannot serve, and why (said once per run)
+        from .datasets import load_dataset
+
+        datasets = [load_dataset(bank.dataset_path(k), what="input+output").subsample(n, seed)
+                    for k in bank.ids]
+        keys = [signature_key(ds, embedder=embedder) for ds in datasets]
+        misses = [k for k, key in zip(bank.ids, keys) if not any(key in p for p in packs)]
+        if misses:
+            _log.info("bank index: %s", _pack_miss_reason(packs, bank, misses, keys, embedder, n,
+                                                          seed))
     with Progress(len(bank), "metalora bank signatures", "dataset",
                   None if progress else False) as bar:
         sigs = []
-        for k in bank.ids:
-            sigs.append(signature(bank.dataset_path(k), kind=kind, embedder=embedder,
-                                  tokenizer=tokenizer, cache=cache, n=n, seed=seed))
+        for i, k in enumerate(bank.ids):
+            src = bank.dataset_path(k) if datasets is None else datasets[i]
+            sigs.append(signature(src, kind=kind, embedder=embedder, tokenizer=tokenizer,
+                                  cache=cache, n=None if datasets is not None else n, seed=seed,
+                                  packs=packs))
             bar.update()
     return sigs
+
+
+def _pack_miss_reason(packs, bank: Bank, misses: List[str], keys: List[str], embedder,
+                      n: Optional[int], seed: int) -> str:
+    """Why the shipped signature packs do not serve ``misses`` (for the log)."""
+    what = f"{len(misses)} of the bank's {len(bank)} datasets ({', '.join(misses[:3])}" + (
+        ", ...)" if len(misses) > 3 else ")")
+    same = [p for p in packs if p.embedder == embedder.id]
+    if not same:
+        made = sorted({str(p.embedder) for p in packs})
+        return (f"the shipped signatures were made by embedder {', '.join(made)}, this run uses "
+                f"{embedder.id}: embedding {what}")
+    if not any(p.meta.get("n") == n and p.meta.get("seed") == seed for p in same):
+        made = sorted({f"n={p.meta.get('n')}, seed={p.meta.get('seed')}" for p in same})
+        return (f"the shipped signatures were made with {'; '.join(made)}, this run uses "
+                f"n={n}, seed={seed}: embedding {what}")
+    index = {k: i for i, k in enumerate(bank.ids)}
+    packed = {bid: key for p in same for bid, key in p.meta.get("ids", {}).items()}
+    edited = [k for k in misses if k in packed and packed[k] != keys[index[k]]]
+    if edited:
+        return (f"the datasets of {', '.join(edited[:3])} changed since the bank was packed: "
+                f"embedding {what}")
+    return f"the shipped signatures do not cover {what}: embedding them"
+
+
+def pack_path(directory: Path, embedder_id: str, n: Optional[int], seed: int) -> Path:
+    """File name of the signature pack for one embedder, ``n`` and seed."""
+    return Path(directory) / f"signatures-{_digest_of([embedder_id, n, seed])[:16]}.npz"
 
 
 def parameter_gram(bank: Bank) -> np.ndarray:
@@ -231,10 +287,30 @@ class BankIndex:
             fallback = default_cache_dir().parent / "index" / _digest_of(str(root))[:24]
             self.directories = [root / INDEX_DIR, fallback]
         self._adapter_hashes: Optional[Dict[str, str]] = None
+        self._packs: Optional[list] = None
 
     def __repr__(self) -> str:
         where = self.directories[0] if self.directories else "(in memory)"
         return f"<metalora.BankIndex of {len(self.bank)} adapters at {where}>"
+
+    # -- shipped signatures ------------------------------------------------------------------
+    def packs(self) -> list:
+        """The bank's shipped signature packs (``signatures-*.npz`` in the index directories,
+        :class:`~metalora.signatures.SignaturePack`), each verified against its checksum; one
+        that fails is logged with the reason and skipped (its signatures are recomputed)."""
+        if self._packs is None:
+            from .signatures import SignaturePack, SignaturePackError
+
+            self._packs = []
+            for d in self.directories:
+                for f in sorted(d.glob("signatures-*.npz")) if d.is_dir() else ():
+                    try:
+                        self._packs.append(SignaturePack(f))
+                    except SignaturePackError as exc:
+                        _log.warning("bank index: %s; the bank's signatures are recomputed "
+                                     "(re-run `metalora bank index %s --pack` to repair it)",
+                                     exc, self.bank.path or "BANK")
+        return self._packs
 
     # -- storage ---------------------------------------------------------------------------
     def _load(self, name: str) -> Optional[Tuple[dict, Dict[str, np.ndarray]]]:
@@ -446,3 +522,68 @@ class BankIndex:
                 raise BankIndexError(f"the bank's neural operator for {metric} is stale: {label} "
                                   f"changed since it was trained; {retrain}")
         return NeuralOperator(rec[1]["onnx"].tobytes(), meta)
+
+
+# ------------------------------------------------------------------------------------------------
+# exporting a bank with its index
+
+
+def pack_bank(bank: Bank, *, embedder=None, n: Optional[int] = DEFAULT_N,
+              seed: int = DEFAULT_SEED, extra: Sequence[os.PathLike] = (),
+              distance: str = "sinkhorn", operator: str = "normalized",
+              top_k: Optional[int] = 16, threads: int = 0, progress: bool = True) -> dict:
+    """Store everything ``generate`` needs from ``bank`` in ``BANK/metalora-index/``, so that
+    whoever receives the bank never embeds its datasets: the signature pack (float16 points of
+    every bank dataset and of the ``extra`` datasets, checksummed,
+    :class:`~metalora.signatures.SignaturePack`), then, computed from the packed points, the
+    distance matrix for ``distance``, the parameter Gram matrix and ``tau="auto"`` for
+    ``operator`` / ``top_k``.
+
+    Returns ``{"pack": path, "pack_bytes": int, "signatures": int, "index_bytes": int,
+    "tau": float or None, "seconds": float}``. Raises OSError when the bank's directory cannot
+    be written (a pack ships inside the bank).
+    """
+    import time
+
+    from .datasets import load_dataset
+    from .signatures import SignaturePack, signature, signature_key
+
+    t0 = time.perf_counter()
+    if bank.path is None:
+        raise ValueError("pack_bank() needs a bank on disk (Bank(DIR)), not one in memory")
+    root = Path(bank.path)
+    directory = (root if root.is_dir() else root.parent) / INDEX_DIR
+    directory.mkdir(exist_ok=True)
+    if not os.access(directory, os.W_OK):
+        raise PermissionError(f"{directory}: not writable; a signature pack is stored inside the "
+                              f"bank: pack a copy of the bank you can write")
+    if embedder is None:
+        from .embed import default_embedder
+
+        embedder = default_embedder(progress=False)
+    sigs = bank_signatures(bank, embedder=embedder, n=n, seed=seed, packs=[], progress=progress)
+    entries, ids, records = {}, {}, []
+    sources = [(k, bank.dataset_path(k)) for k in bank.ids] + [(None, Path(p)) for p in extra]
+    for i, (bid, path) in enumerate(sources):
+        ds = load_dataset(path, what="input+output").subsample(n, seed)
+        key = signature_key(ds, embedder=embedder)
+        entries[key] = sigs[i] if bid is not None else signature(ds, embedder=embedder)
+        if bid is not None:
+            ids[bid] = key
+        records.append({"key": key, "name": ds.name, "rows": len(ds),
+                        "source": os.path.relpath(Path(path).resolve(), directory.resolve())})
+    target = pack_path(directory, embedder.id, n, seed)
+    size = SignaturePack.write(target, entries, {"embedder": embedder.id, "n": n, "seed": seed,
+                                                 "ids": ids, "datasets": records})
+    packs = [SignaturePack(target)]
+    packed = bank_signatures(bank, embedder=embedder, n=n, seed=seed, packs=packs,
+                             progress=False)
+    index = BankIndex(bank, directory=directory)
+    index.distance_matrix(packed, distance, threads=threads, progress=progress)
+    index.gram()
+    tau = None
+    if len(bank) >= 3:
+        tau = index.temperature(packed, distance, operator=operator, top_k=top_k, threads=threads)
+    total = sum(f.stat().st_size for f in directory.iterdir() if f.suffix == ".npz")
+    return {"pack": target, "pack_bytes": size, "signatures": len(entries), "index_bytes": total,
+            "tau": tau, "seconds": time.perf_counter() - t0}

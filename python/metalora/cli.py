@@ -118,9 +118,9 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     if not args.example:
         data = Path(args.data)
     elif default is not None:
-        data, n = real.example_dataset(), args.n or real.EXAMPLE_N
+        data = real.example_dataset()
         print(f"example dataset: {data}\n  (MC-TACO answers about absolute time points: no adapter "
-              f"in the bank was trained on it; signatures from {n} examples per dataset)")
+              f"in the bank was trained on it)")
     else:
         data = demo_example()
         print(f"example dataset: {data} (a held-out toy task of the demonstration bank)")
@@ -271,8 +271,13 @@ def _cmd_bank_index(args: argparse.Namespace) -> int:
     if spec.kind.signature == "tokens" and not args.tokenizer:
         raise UserError(f"--distance {args.distance} compares token ids: pass --tokenizer "
                         f"tokenizer.json (the base model's)")
+    if args.pack_extra and not args.pack:
+        raise UserError("--pack-extra applies with --pack only")
+    if args.pack:
+        return _bank_pack(args, bank, spec)
     t = time.perf_counter()
-    sigs = bank_signatures(bank, kind=spec.kind.signature, tokenizer=args.tokenizer, progress=True)
+    sigs = bank_signatures(bank, kind=spec.kind.signature, tokenizer=args.tokenizer, n=args.n,
+                           progress=True)
     print(f"signatures of {len(bank)} bank datasets cached ({time.perf_counter() - t:.1f}s)")
     index = BankIndex(bank)
     t = time.perf_counter()
@@ -285,6 +290,29 @@ def _cmd_bank_index(args: argparse.Namespace) -> int:
         op = index.train_neural(sigs, args.distance, epochs=args.epochs, threads=args.threads)
         print(f"neural operator trained on {args.distance} (leave-one-out error "
               f"{op.meta['loo_error']:.4f}, {time.perf_counter() - t:.1f}s)")
+    return 0
+
+
+def _bank_pack(args: argparse.Namespace, bank, spec) -> int:
+    """``bank index --pack``: the bank exported with its index (see :func:`pack_bank`)."""
+    from .bank_index import pack_bank
+    from .datasets import load_dataset
+
+    if spec.kind.signature != "embedding":
+        raise UserError(f"--pack stores embedding signatures; --distance {args.distance} "
+                        f"compares token ids (pack with an embedding distance, e.g. "
+                        f"--distance sinkhorn)")
+    if args.neural:
+        raise UserError("--pack and --neural: run them one after the other")
+    for f in args.pack_extra:  # a bad file is refused before any embedding
+        load_dataset(f)
+    info = pack_bank(bank, n=args.n, extra=args.pack_extra, distance=args.distance,
+                     threads=args.threads, progress=True)
+    tau = "" if info["tau"] is None else f", auto tau {info['tau']:.3g}"
+    print(f"bank packed: {info['signatures']} signatures in {info['pack']} "
+          f"({_human(info['pack_bytes'])}); with distances ({args.distance}), Gram{tau}: "
+          f"{_human(info['index_bytes'])} in {info['pack'].parent} ({info['seconds']:.1f}s). "
+          f"Ship the bank with that folder: generate then never embeds its datasets")
     return 0
 
 
@@ -396,6 +424,30 @@ def _cmd_plot(args: argparse.Namespace) -> int:
 _THREADS_HELP = "threads (0 = all cores; more than the CPUs available are clamped to them)"
 
 
+def _n_value(text: str):
+    """``--n``: a positive number of examples, or ``all``."""
+    if text == "all":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive number of examples or 'all', "
+                                         f"got {text!r}")
+    return value
+
+
+def _add_n(p: argparse.ArgumentParser) -> None:
+    from .signatures import DEFAULT_N, DEFAULT_SEED
+
+    p.add_argument("--n", type=_n_value, default=DEFAULT_N, metavar="N|all",
+                   help=f"examples per dataset signature, for the bank's datasets and yours "
+                        f"alike: a seeded subsample (seed {DEFAULT_SEED}) of larger datasets "
+                        f"(default {DEFAULT_N}, the same for every command; the built-in bank "
+                        f"ships its signatures at {DEFAULT_N}); 'all' for every example")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .coefficients import OPERATORS
     from .distances import METRICS
@@ -440,7 +492,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", default="16", help="use only the k adapters with the largest "
                    "coefficients (default 16; 'all' for every adapter, as in the paper)")
     p.add_argument("--tokenizer", metavar="FILE", help="base model's tokenizer.json (token distances)")
-    p.add_argument("--n", type=int, help="subsample every dataset to n examples")
+    _add_n(p)
     p.add_argument("--threads", type=int, default=0, help=_THREADS_HELP)
     p.add_argument("--refine", action="store_true",
                    help="weigh the bank's adapters on the dataset's own examples with forward "
@@ -509,13 +561,24 @@ def build_parser() -> argparse.ArgumentParser:
                                     "parameter Gram matrix (in BANK/metalora-index/, or the user "
                                     "cache when the bank is read-only). Entries record hashes of "
                                     "their inputs and are recomputed when the bank changes. "
-                                    "--neural also trains the neural operator for --distance "
-                                    "(needs torch).")
+                                    "--pack also stores the signatures themselves in the index "
+                                    "(float16, checksummed), so that the bank can be given away "
+                                    "with its metalora-index/ folder and never be embedded "
+                                    "again. --neural also trains the neural operator for "
+                                    "--distance (needs torch).")
     p.add_argument("bank", metavar="BANK")
     p.add_argument("--distance", choices=list(METRICS), default="sinkhorn",
                    help="metric to index (default sinkhorn)")
     p.add_argument("--tokenizer", metavar="FILE", help="base model's tokenizer.json (token "
                    "distances)")
+    _add_n(p)
+    p.add_argument("--pack", action="store_true", help="also store the bank's signatures in "
+                   "the index (float16, checksummed) with the distances, Gram and auto tau "
+                   "computed from them, so that whoever receives the bank (with its "
+                   "metalora-index/ folder) never embeds its datasets")
+    p.add_argument("--pack-extra", action="append", default=[], metavar="FILE",
+                   help="with --pack: also pack the signature of this dataset (e.g. an example "
+                   "task shipped with the bank); repeatable")
     p.add_argument("--neural", action="store_true", help="train the neural operator for "
                    "--distance (operator 'neural' of generate)")
     p.add_argument("--epochs", type=int, default=400, help="neural operator training epochs "
@@ -596,7 +659,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 # The API's keyword arguments, as a CLI user knows them.
 _FLAGS = [("overwrite=True", "--overwrite"), ("top_k=", "--top-k "), ("threads=", "--threads "),
           ("tokenizer=", "--tokenizer "), ("rank=", "--rank "), ("out=", "--out "),
-          ("tau=", "--tau ")]
+          ("tau=", "--tau "), ("mode=", "--mode ")]
 
 
 def _cli_words(line: str) -> str:
@@ -605,7 +668,7 @@ def _cli_words(line: str) -> str:
 
     for api, flag in _FLAGS:
         line = re.sub(rf"(?<![\w.-]){re.escape(api)}", flag, line)
-    return line
+    return re.sub(r" {2,}", " ", line).rstrip()
 
 
 def _log_to_stderr() -> None:

@@ -6,6 +6,11 @@ checkout uses ``bench/quality`` directly. The example dataset is a task that has
 bank (MC-TACO answers about absolute time points), so ``metalora generate --example`` shows the
 whole job on real data: the adapter it writes loads into PEFT over
 ``HuggingFaceTB/SmolLM2-135M-Instruct``.
+
+The bank ships its index (``bank/metalora-index/``, made by ``metalora bank index BANK --pack
+--pack-extra EXAMPLE``): the float16 signatures of its datasets and of the example task at the
+default ``n`` (:data:`metalora.signatures.DEFAULT_N`), the Sinkhorn distance matrix, the Gram
+matrix and the auto temperature; a first run embeds none of them.
 """
 
 from __future__ import annotations
@@ -13,15 +18,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-__all__ = ["default_bank", "example_dataset", "base_model_gguf", "EXAMPLE_TASK", "EXAMPLE_N",
+__all__ = ["default_bank", "example_dataset", "base_model_gguf", "EXAMPLE_TASK",
            "BASE_MODEL_INSTALL"]
 
 NAME = "smollm2-135m"
 #: Task id of the example dataset (kept out of the bank).
 EXAMPLE_TASK = "x_ni013_mctaco_answer_timepoint"
-#: Examples per dataset used for ``--example`` signatures: 64 keeps the first run (which embeds
-#: every bank dataset once; later runs read the signature cache) to about 20 s on 2 cores.
-EXAMPLE_N = 64
 
 _PACKAGED = Path(__file__).resolve().parent / "banks" / NAME
 _SOURCE = Path(__file__).resolve().parents[2] / "bench" / "quality"

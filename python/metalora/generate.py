@@ -28,8 +28,10 @@ from .bank_index import BankIndex, bank_signatures
 from .coefficients import OPERATORS, coefficients
 from .datasets import Dataset, load_dataset
 from .distances import distances, get_metric
+from ._io import positive_int
+from .signatures import DEFAULT_N, DEFAULT_SEED
 
-__all__ = ["generate", "Generation", "query_distances", "check_out_path",
+__all__ = ["generate", "Generation", "query_distances", "check_out_path", "check_rank",
            "check_degenerate", "MIN_DISTINCT_EXAMPLES"]
 
 
@@ -70,7 +72,7 @@ def generate(dataset: Union[str, Path, Dataset], bank: Union[str, Path, Bank], *
              top_k: Optional[int] = 16, out: Union[str, Path, None] = None,
              format: str = "peft", format_options: Optional[dict] = None,
              overwrite: bool = False, embedder=None, tokenizer=None, cache: Any = True,
-             n: Optional[int] = None, seed: int = 0, threads: int = 0,
+             n: Optional[int] = DEFAULT_N, seed: int = DEFAULT_SEED, threads: int = 0,
              distance_params: Optional[dict] = None, refine: Any = None,
              progress: bool = False) -> Adapter:
     r"""Make a LoRA adapter for ``dataset`` from ``bank``, without gradient training.
@@ -108,12 +110,19 @@ def generate(dataset: Union[str, Path, Dataset], bank: Union[str, Path, Bank], *
         before any work starts.
     embedder, cache, n, seed, threads, distance_params
         Signature and distance options: a custom :class:`metalora.Embedder`, the signature
-        cache, subsampling to ``n`` examples, OpenMP threads, extra metric options.
+        cache, the seeded subsample of ``n`` examples per signature, for the dataset and the
+        bank's datasets alike (default :data:`metalora.signatures.DEFAULT_N`, what every
+        command uses and what a bank's shipped index is made with; ``None``: every example),
+        OpenMP threads, extra metric options.
     refine : RefineOptions, mapping or model path, optional
         Weigh the bank's adapters on the dataset's own examples with forward passes of the base
         model (:mod:`metalora.refine`; needs ``pip install 'metalora[refine]'``): a seeded part
         of the dataset is held out for scoring and the rest is used for the distances; the
         written adapter is the best combination found, in ``mode``.
+
+    Every option is checked before the first embedding (a rank ``mode`` cannot give, a missing
+    or unreadable tokenizer, an output path that cannot be written, ...): a run that cannot
+    finish fails in milliseconds, not after the slow part.
 
     Returns
     -------
@@ -133,8 +142,22 @@ def generate(dataset: Union[str, Path, Dataset], bank: Union[str, Path, Bank], *
     if spec.kind.signature == "tokens" and tokenizer is None:
         raise ValueError(f"distance={distance!r} compares token ids: pass tokenizer= the base "
                          f"model's tokenizer.json (or use an embedding metric such as 'sinkhorn')")
+    positive_int(n, "n", allow_none=True)
+    positive_int(top_k, "top_k", allow_none=True)
+    from .combine import check_options
+
+    check_options(mode, rank, "float32", threads)  # e.g. rank= with mode='cat'
+    if spec.kind.signature == "tokens":  # a bad tokenizer file fails now, not mid-run
+        from .tokens import load_tokenizer
+
+        load_tokenizer(tokenizer)
     if not isinstance(bank, Bank):
         bank = Bank(bank)
+    check_rank(bank, mode, rank, top_k)
+    if tau == "auto" and len(bank) < 3:
+        raise ValueError(f"tau='auto' chooses the temperature by leave-one-out on the bank, which "
+                         f"needs at least 3 adapters (this bank has {len(bank)}): pass a number "
+                         f"as tau=")
     if out is not None:  # before any work: never into the bank, never over an adapter unasked
         check_out_path(out, bank, dataset, overwrite=overwrite)
     if isinstance(dataset, (str, Path)):
@@ -169,10 +192,12 @@ def generate(dataset: Union[str, Path, Dataset], bank: Union[str, Path, Bank], *
     from .signatures import signature
 
     t = time.perf_counter()
+    packs = index.packs() if spec.kind.signature == "embedding" else []
+    # the bank's pack may hold the query's signature too (the built-in bank's example task)
     query = signature(dataset, kind=spec.kind.signature, embedder=embedder, tokenizer=tokenizer,
-                      cache=cache, n=n, seed=seed)
+                      cache=cache, n=n, seed=seed, packs=packs)
     sigs = bank_signatures(bank, kind=spec.kind.signature, embedder=embedder, tokenizer=tokenizer,
-                           cache=cache, n=n, seed=seed, progress=progress)
+                           cache=cache, n=n, seed=seed, progress=progress, packs=packs)
     timings["signatures"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -284,8 +309,9 @@ def _inside(path: str, root: str) -> bool:
 def check_out_path(out: Union[str, Path], bank: Bank, dataset: Any = None, *,
                    overwrite: bool = False) -> None:
     """Refuse an output path that is (or resolves, through symlinks, into) anything the run
-    reads: the bank's directory, a bank adapter's directory, a bank dataset or the dataset; and,
-    without ``overwrite``, one that already exists. Raises ValueError / FileExistsError."""
+    reads: the bank's directory, a bank adapter's directory, a bank dataset or the dataset;
+    without ``overwrite``, one that already exists; one whose directory is missing or cannot be
+    written. Raises ValueError / FileExistsError / FileNotFoundError / PermissionError."""
     real = os.path.realpath(out)
     protected = []
     if bank.path is not None:
@@ -310,6 +336,38 @@ def check_out_path(out: Union[str, Path], bank: Bank, dataset: Any = None, *,
     if not overwrite and os.path.lexists(out):
         raise FileExistsError(f"{Path(out).absolute()}: already exists; pass overwrite=True to "
                               f"replace it, or choose another path")
+    _check_writable(out)
+
+
+def check_rank(bank: Bank, mode: str, rank: Optional[int], top_k: Optional[int]) -> None:
+    """Refuse, before any work, a ``rank`` that ``mode='svd'`` cannot give: above the rank of
+    the exact sum, i.e. the sum of the ``top_k`` largest adapter ranks of some module (all
+    adapters' when ``top_k`` is None)."""
+    if rank is None or mode != "svd" or len(bank) == 0:
+        return
+    k = len(bank) if top_k is None else min(int(top_k), len(bank))
+    worst, where = None, None
+    for m in bank.modules:
+        ranks = sorted((bank[i].ranks.get(m, 0) for i in range(len(bank))), reverse=True)
+        total = int(sum(ranks[:k]))
+        if worst is None or total < worst:
+            worst, where = total, m
+    if worst is not None and rank > worst:
+        used = "of all its adapters" if top_k is None else f"of the top_k={k} adapters used"
+        raise ValueError(f"rank={rank} exceeds the largest rank mode='svd' can give here, {worst} "
+                         f"(the sum of the ranks {used}, module {where}): pass a smaller rank= or "
+                         f"a larger top_k=")
+
+
+def _check_writable(out: Union[str, Path]) -> None:
+    """The directory that will hold ``out`` exists and can be written (checked before any work)."""
+    parent = Path(os.path.abspath(out)).parent
+    if not parent.is_dir():
+        raise FileNotFoundError(f"out={str(out)!r}: its directory {parent} does not exist; create "
+                                f"it or choose another out=")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise PermissionError(f"out={str(out)!r}: cannot write in {parent} (permission denied); "
+                              f"choose another out=")
 
 
 def _is_demo(path: Union[str, Path]) -> bool:

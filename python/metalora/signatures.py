@@ -28,10 +28,21 @@ from ._io import atomic_write, pid_alive, temp_owner
 from .datasets import Dataset, load_dataset
 from .tokens import TokenSignature, load_tokenizer, token_signature
 
-__all__ = ["SignatureCache", "signature", "default_cache_dir", "SIGNATURE_KINDS"]
+__all__ = ["SignatureCache", "SignaturePack", "SignaturePackError", "signature",
+           "signature_key", "default_cache_dir", "SIGNATURE_KINDS", "DEFAULT_N", "DEFAULT_SEED"]
 
 SIGNATURE_KINDS = ("embedding", "tokens")
 _FORMAT_VERSION = 1
+
+#: Examples per dataset signature used by every command and by :func:`metalora.generate` /
+#: :func:`metalora.bank_index.bank_signatures` (bank AND query): a seeded subsample
+#: (:meth:`Dataset.subsample`, ``DEFAULT_SEED``) of larger datasets, all examples of smaller
+#: ones. On the quality benchmark's 52 tasks, 256 examples rank the built-in bank almost as the
+#: full datasets do (Spearman 0.996, top-16 sets 97 % the same; a 1000-example query cut to 256
+#: keeps its top-16 set: ``bench/results_first_run.md``) and cap the query's embedding and
+#: Sinkhorn cost. ``n=None`` uses every example.
+DEFAULT_N = 256
+DEFAULT_SEED = 0
 PathLike = Union[str, os.PathLike]
 
 
@@ -184,6 +195,138 @@ def _checksum(key: str, arrays: Dict[str, np.ndarray]) -> str:
     return h.hexdigest()
 
 
+class SignaturePackError(ValueError):
+    """A signature pack cannot be used (unreadable, wrong format, or fails its checksum)."""
+
+
+_PACK_FORMAT = 1
+
+
+class SignaturePack:
+    r"""Embedding signatures shipped with a bank: read-only, verified, float16.
+
+    A pack is one ``.npz`` file in the bank index (``BANK/metalora-index/signatures-*.npz``,
+    written by ``metalora bank index BANK --pack``) holding the point clouds of the bank's
+    datasets (and of any extra dataset packed with them) under their signature-cache keys
+    (:func:`signature_key`: a hash of the embedded texts, the embedder's id and ``n``). A
+    lookup is therefore by content: a dataset edited since, another embedder or another ``n``
+    simply misses, and the caller embeds as without a pack.
+
+    The points are stored in float16 and widened to float32 on read. All-MiniLM points have
+    unit norm and components below 1, so each stored component carries a relative rounding
+    error of at most :math:`u = 2^{-11}` and the squared-Euclidean cost
+    :math:`c(x, y) = \|x - y\|^2 = 2 - 2 x\cdot y` of the Sinkhorn metric moves by at most
+    :math:`2 u \sum_i |x_i y_i| \le 2u \approx 9.8\cdot 10^{-4}` (Cauchy-Schwarz) per pair
+    when one side is rounded. Entropic OT is 1-Lipschitz in the cost's sup norm, so each of the
+    three terms of the debiased divergence moves by at most that much (the bank self term by
+    at most twice it): :math:`|\Delta S| \le 4u \approx 2\cdot 10^{-3}`. Measured on the
+    built-in bank (``bench/signature_n.py --fp16``) the distances move by far less, and the
+    top-16 coefficients do not change (``bench/results_first_run.md``).
+
+    Parameters
+    ----------
+    path : path
+        The pack file. Raises :class:`SignaturePackError` (with the reason) when it cannot be
+        read, is not a pack, or fails its sha256 checksum (corrupt or modified).
+
+    Attributes
+    ----------
+    meta : dict
+        ``embedder`` (its id), ``n``, ``seed``, ``ids`` (bank id -> key of its dataset),
+        ``datasets`` (one record per packed dataset: key, name, rows).
+    """
+
+    def __init__(self, path: PathLike):
+        self.path = Path(path)
+        try:
+            with np.load(self.path, allow_pickle=False) as z:
+                arrays = {k: z[k] for k in z.files}
+        except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+            raise SignaturePackError(f"signature pack {self.path} is unreadable ({exc})") from None
+        need = {"points", "offsets", "keys", "__meta__", "__sum__"}
+        if not need <= set(arrays):
+            raise SignaturePackError(f"signature pack {self.path} is not a metalora signature "
+                                     f"pack (arrays {sorted(arrays)})")
+        stored = bytes(arrays.pop("__sum__")).decode("ascii", "replace")
+        if stored != _checksum("pack", arrays):
+            raise SignaturePackError(f"signature pack {self.path} fails its checksum (corrupt or "
+                                     f"modified)")
+        try:
+            self.meta = json.loads(bytes(arrays["__meta__"]).decode("utf-8"))
+        except ValueError as exc:
+            raise SignaturePackError(f"signature pack {self.path}: bad metadata ({exc})") from None
+        if self.meta.get("format") != _PACK_FORMAT:
+            raise SignaturePackError(f"signature pack {self.path} has format "
+                                     f"{self.meta.get('format')!r}, this metalora reads "
+                                     f"{_PACK_FORMAT}: re-run `metalora bank index BANK --pack`")
+        points, offsets = arrays["points"], arrays["offsets"]
+        keys = bytes(arrays["keys"]).decode("ascii", "replace")
+        m = offsets.shape[0] - 1
+        if (points.dtype != np.float16 or points.ndim != 2 or offsets.ndim != 1 or m < 0
+                or len(keys) != 64 * m or offsets[0] != 0 or offsets[-1] != points.shape[0]
+                or np.any(np.diff(offsets) <= 0)):
+            raise SignaturePackError(f"signature pack {self.path} holds inconsistent arrays")
+        self._points = points
+        self._rows = {keys[64 * i:64 * (i + 1)]: (int(offsets[i]), int(offsets[i + 1]))
+                      for i in range(m)}
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._rows
+
+    def __repr__(self) -> str:
+        return (f"SignaturePack({str(self.path)!r}, {len(self)} signatures, "
+                f"embedder={self.meta.get('embedder')!r}, n={self.meta.get('n')})")
+
+    @property
+    def embedder(self) -> Optional[str]:
+        """Id of the embedder the pack was made with."""
+        return self.meta.get("embedder")
+
+    def get(self, key: str) -> Optional[np.ndarray]:
+        """The float32 points stored under ``key`` (widened from float16), or None."""
+        rows = self._rows.get(key)
+        if rows is None:
+            return None
+        return self._points[rows[0]:rows[1]].astype(np.float32)
+
+    @staticmethod
+    def write(path: PathLike, entries: Dict[str, np.ndarray], meta: Dict[str, Any]) -> int:
+        """Write ``entries`` (key -> float32 points) as a pack at ``path`` atomically; returns
+        its size in bytes. ``meta`` is stored with it (JSON)."""
+        keys = list(entries)
+        if not keys:
+            raise ValueError("a signature pack needs at least one signature")
+        for k in keys:
+            if len(k) != 64 or any(c not in "0123456789abcdef" for c in k):
+                raise ValueError(f"pack keys are sha256 hex digests, got {k!r}")
+        clouds = [np.asarray(entries[k], np.float32) for k in keys]
+        if any(c.ndim != 2 or c.shape[0] == 0 or c.shape[1] != clouds[0].shape[1] for c in clouds):
+            raise ValueError("pack entries must be non-empty [n, dim] point clouds of one dim")
+        offsets = np.zeros(len(keys) + 1, np.int64)
+        offsets[1:] = np.cumsum([c.shape[0] for c in clouds])
+        arrays = {
+            "points": np.concatenate(clouds).astype(np.float16),
+            "offsets": offsets,
+            "keys": np.frombuffer("".join(keys).encode("ascii"), np.uint8),
+            "__meta__": np.frombuffer(json.dumps(dict(meta, format=_PACK_FORMAT), sort_keys=True,
+                                                 default=str).encode("utf-8"), np.uint8),
+        }
+        arrays["__sum__"] = np.frombuffer(_checksum("pack", arrays).encode("ascii"), np.uint8)
+        path = Path(path)
+        atomic_write(path, lambda f: np.savez(f, **arrays))
+        return path.stat().st_size
+
+
+def signature_key(ds: Dataset, *, embedder, what: Optional[str] = None,
+                  template: Optional[str] = None) -> str:
+    """The cache (and pack) key of the embedding signature of ``ds`` (already subsampled)."""
+    return SignatureCache.key(kind="embedding", texts=ds.content_hash(what, template),
+                              embedder=embedder.id, n=len(ds))
+
+
 def _valid_points(x: Any, n: int) -> Optional[str]:
     if not isinstance(x, np.ndarray) or x.ndim != 2 or x.dtype != np.float32:
         return "does not hold a 2-D float32 point cloud"
@@ -231,7 +374,8 @@ def _as_dataset(data, what: Optional[str]) -> Dataset:
 def signature(data, *, kind: str = "embedding", embedder=None, tokenizer=None,
               what: Optional[str] = None, template: Optional[str] = None,
               n: Optional[int] = None, seed: int = 0, add_special_tokens: bool = False,
-              cache: Union[bool, PathLike, SignatureCache, None] = True):
+              cache: Union[bool, PathLike, SignatureCache, None] = True,
+              packs: Sequence["SignaturePack"] = ()):
     """Signature of a dataset, read from the cache when its key is already there.
 
     Parameters
@@ -252,6 +396,9 @@ def signature(data, *, kind: str = "embedding", embedder=None, tokenizer=None,
         Subsample ``n`` examples with ``seed`` before computing (see :meth:`Dataset.subsample`).
     cache : bool, path or SignatureCache
         ``True`` uses :func:`default_cache_dir`; ``False`` computes without storing.
+    packs : sequence of SignaturePack
+        Shipped signatures consulted (by key) before the cache: a hit is returned as is and not
+        copied into the cache (``kind="embedding"`` only).
 
     Notes
     -----
@@ -272,6 +419,10 @@ def signature(data, *, kind: str = "embedding", embedder=None, tokenizer=None,
             embedder = default_embedder()
         key_parts = dict(kind=kind, texts=texts_hash, embedder=embedder.id, n=len(ds))
         key = SignatureCache.key(**key_parts)
+        for pack in packs:
+            hit = pack.get(key)
+            if hit is not None and _valid_points(hit, len(ds)) is None:
+                return hit
         if store is not None:
             hit = store.load(key)
             if hit is not None:
