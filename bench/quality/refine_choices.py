@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from evaluate import task_dataset  # noqa: E402  (the signatures' view of a split)
 from common import (CACHE_DIR, SETTINGS, TASKS_DIR, instruction, load_model,  # noqa: E402
                     load_split, task_ids)
 
@@ -35,7 +36,6 @@ os.environ.setdefault("METALORA_CACHE_DIR", str(CACHE_DIR / "metalora"))
 
 import metalora  # noqa: E402
 from metalora import Bank, coefficients  # noqa: E402
-from metalora.datasets import Dataset  # noqa: E402
 from metalora.generate import query_distances  # noqa: E402
 from metalora.refine import RefineOptions, holdout_split, search  # noqa: E402
 from metalora.refine.scorer import TorchScorer  # noqa: E402
@@ -73,12 +73,8 @@ def main(argv=None) -> int:
     tasks = tasks[:args.tasks]
     embedder = metalora.Embedder(progress=False)
 
-    def dataset(rows, name, ins):
-        return Dataset.from_pairs([setting.prompt(r["input"], ins).strip() for r in rows],
-                                  [r["output"] for r in rows], name=name)
-
-    bank_sigs = [signature(dataset(load_split(j, "train"), j, instruction(j)), kind="embedding",
-                           embedder=embedder) for j in ids]
+    bank_sigs = [signature(task_dataset(load_split(j, "train"), j, setting, instruction(j)),
+                           kind="embedding", embedder=embedder) for j in ids]
     pristine, tok = load_model()
 
     def scorer(cand, rows, ins):
@@ -91,7 +87,7 @@ def main(argv=None) -> int:
             continue
         ins, rows = instruction(task), load_split(task, "train")
         kept, held = holdout_split(len(rows), EXAMPLES, seed=0)
-        q = signature(dataset([rows[i] for i in kept], task, ins), kind="embedding",
+        q = signature(task_dataset([rows[i] for i in kept], task, setting, ins), kind="embedding",
                       embedder=embedder)
         prior = coefficients(query_distances(q, bank_sigs, "sinkhorn"), operator="normalized",
                              top_k=TOP_K, exclude=[ids.index(task)])
