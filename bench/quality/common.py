@@ -195,16 +195,23 @@ def collate(pairs, pad_id: int):
     return ids, mask, labels
 
 
-MIN_SHARED = 16   # a prompt prefix shared by a whole batch runs once when it is this long
-
-
 def shared_prefix(prompts) -> int:
-    """Length of the token prefix that all ``prompts`` share, leaving each at least one token of
-    its own (0 when shorter than :data:`MIN_SHARED`): the instruction of an instructed task."""
-    n = min(len(p) for p in prompts) - 1
-    first = prompts[0]
-    k = next((i for i in range(n) if any(p[i] != first[i] for p in prompts)), max(n, 0))
-    return k if k >= MIN_SHARED else 0
+    """Length of the token prefix that all ``prompts`` share (the instruction of an instructed
+    task), each keeping one token of its own: the library's rule
+    (:func:`metalora.refine.scorer.shared_prefix`, 0 below its ``MIN_SHARED_PREFIX`` tokens or for
+    a single prompt), so that the harness and ``generate --refine`` cache the same prefixes."""
+    from metalora.refine.scorer import shared_prefix as library_rule
+
+    return library_rule(prompts)
+
+
+def bootstrap_mean(x, n_boot: int = 10000, seed: int = 0) -> tuple:
+    """Mean of the per-task values ``x`` and its 95 % bootstrap interval (tasks resampled)."""
+    import numpy as np
+
+    x = np.asarray(x, dtype=np.float64)
+    boot = np.random.default_rng(seed).choice(x, size=(n_boot, x.size)).mean(axis=1)
+    return float(x.mean()), float(np.quantile(boot, 0.025)), float(np.quantile(boot, 0.975))
 
 
 def prefix_cache(inner, prefix, batch: int):

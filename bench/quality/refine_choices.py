@@ -29,8 +29,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from evaluate import task_dataset  # noqa: E402  (the signatures' view of a split)
-from common import (CACHE_DIR, SETTINGS, TASKS_DIR, instruction, load_model,  # noqa: E402
-                    load_split, task_ids)
+from common import (CACHE_DIR, SETTINGS, TASKS_DIR, bootstrap_mean, instruction,  # noqa: E402
+                    load_model, load_split, task_ids)
 
 os.environ.setdefault("METALORA_CACHE_DIR", str(CACHE_DIR / "metalora"))
 
@@ -45,12 +45,6 @@ VARIANTS = {"cma": {"optimizer": "cma", "l1": 0.0},
             "ngopt": {"optimizer": "ngopt", "l1": 0.0},
             "cma+l1": {"optimizer": "cma", "l1": 0.05}}
 TOP_K, EXAMPLES, VAL_ROWS = 16, 16, 32
-
-
-def bootstrap_mean(x: np.ndarray, n: int = 10000, seed: int = 0):
-    rng = np.random.default_rng(seed)
-    means = x[rng.integers(0, len(x), (n, len(x)))].mean(1)
-    return float(x.mean()), float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))
 
 
 def main(argv=None) -> int:

@@ -28,7 +28,7 @@ from typing import Dict, List, Optional
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS_DIR, SETTINGS  # noqa: E402
+from common import RESULTS_DIR, SETTINGS, bootstrap_mean  # noqa: E402
 
 BASELINES = ("base", "trained", "uniform", "meancos_top8", "oracle_single", "val_single")
 TOKEN_METRICS = ("wasserstein_1d", "kl", "js", "token_mmd")
@@ -87,8 +87,7 @@ def paired_difference(table, tasks: List[str], a: str, b: str, n_boot: int = 100
     """Mean over tasks of Rouge-L(a) - Rouge-L(b) and its 95 % paired bootstrap interval."""
     ts = [t for t in tasks if a in table[t] and b in table[t]]
     diff = np.array([table[t][a]["rougeL"] - table[t][b]["rougeL"] for t in ts])
-    boot = np.random.default_rng(seed).choice(diff, size=(n_boot, diff.size)).mean(axis=1)
-    return float(diff.mean()), float(np.quantile(boot, 0.025)), float(np.quantile(boot, 0.975))
+    return bootstrap_mean(diff, n_boot, seed)
 
 
 def _pct(x: float) -> str:
