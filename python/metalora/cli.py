@@ -151,7 +151,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
             transformers.utils.logging.disable_progress_bar()
         refine = {"model": model, "budget": args.refine_budget, "examples": args.refine_examples,
                   "seed": args.refine_seed, "threads": args.threads, "progress": not args.quiet}
-    elif args.model or args.refine_budget != 32 or args.refine_examples != 16:
+    elif args.model or args.refine_budget != DEFAULT_BUDGET or args.refine_examples != 16:
         raise UserError("--model, --refine-budget and --refine-examples apply with --refine only")
     base = args.base
     if base is None and args.format == "gguf" and args.example and default is not None:
