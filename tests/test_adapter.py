@@ -130,6 +130,19 @@ def test_conv_and_int_tensors_refused(tmp_path, rng):
         load_adapter(tmp_path / "b")
 
 
+def test_bf16_without_ml_dtypes_says_what_to_install(tmp_path, rng, monkeypatch):
+    # A broken install where ml_dtypes cannot be imported: bfloat16 is supported, so the message
+    # must name the missing package instead of calling BF16 unsupported.
+    import metalora.adapter as adapter_mod
+
+    write_adapter(tmp_path / "a", random_factors(rng), base_config(), dtype=BF16)
+    monkeypatch.setattr(adapter_mod, "_DTYPES",
+                        {k: v for k, v in adapter_mod._DTYPES.items() if k != "BF16"})
+    with pytest.raises(AdapterError, match="bfloat16 needs the ml_dtypes package.*pip install "
+                                           "ml_dtypes"):
+        load_adapter(tmp_path / "a")
+
+
 def test_mismatched_factor_shapes(tmp_path, rng):
     f = random_factors(rng)
     name = "model.layers.0.self_attn.q_proj"

@@ -650,6 +650,9 @@ def load_adapter(path: os.PathLike, *, check_finite: bool = False) -> Adapter:
         if m is None:
             raise AdapterError(wpath, f"tensor {key!r}: {_refuse_key(key)}")
         if t.code not in _DTYPES:
+            if t.code == "BF16":  # supported, but its numpy dtype comes from ml_dtypes
+                raise AdapterError(wpath, f"tensor {key!r}: bfloat16 needs the ml_dtypes package, "
+                                          f"which is not importable: pip install ml_dtypes")
             raise AdapterError(wpath, f"tensor {key!r}: dtype {t.code} is not supported (float32, "
                                       f"float16 or bfloat16)")
         if len(t.shape) != 2:
