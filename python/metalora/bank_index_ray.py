@@ -138,11 +138,11 @@ class RayExecutor(Executor):
     # -- the cluster --------------------------------------------------------------------------
     def connect(self) -> None:
         """Connect to the cluster (or start a local instance) unless connected already."""
+        if self.address not in (None, "auto", "local"):
+            _probe(self.address)  # fail fast (and do not reuse another connection for it)
         if ray.is_initialized():
             return
         where = self.address or "a local Ray instance"
-        if self.address not in (None, "auto", "local"):
-            _probe(self.address)
         try:
             ray.init(address=self.address, include_dashboard=False,
                      logging_level=logging.WARNING, configure_logging=True)
@@ -201,12 +201,17 @@ class RayExecutor(Executor):
             compute=ray.data.ActorPoolStrategy(size=plan["actors"]),
             num_cpus=plan["cpus_per_actor"], batch_size=1,
             batch_format="numpy")
+        rows = iter(ds.iter_rows())
         try:
-            for row in ds.iter_rows():
+            for row in rows:
                 i, n, d = int(row["i"]), int(row["rows"]), int(row["dim"])
                 yield i, np.frombuffer(row["points"], np.float32).reshape(n, d).copy()
         except ray.exceptions.RayError as exc:
             raise ExecutorError(f"embedding on Ray failed: {_one_line(exc)}") from exc
+        finally:  # the caller stopped early (interrupted): stop the pipeline, free its actors
+            close = getattr(rows, "close", None)
+            if close is not None:
+                close()
 
     def pairs_per_block(self, K: int, symmetric: bool) -> int:
         """Blocks small enough that every CPU of the cluster gets about four of them."""
