@@ -193,8 +193,15 @@ def main(argv=None) -> int:
         finally:
             ex.close()
     shutil.rmtree(work, ignore_errors=True)
+    raw = {"rows": rows, "overhead": overhead, "identical": identical, "n_texts": n_texts,
+           "pairs": pairs, "loads": loads, "args": {k: str(v) for k, v in vars(args).items()}}
+    args.out.with_suffix(".json").write_text(json.dumps(raw, indent=1))
     write_report(args, rows, overhead, identical, n_texts, pairs, loads)
     return 0
+
+
+def _num(x, digits: int) -> str:
+    return "–" if x is None else f"{x:.{digits}f}"
 
 
 def write_report(args, rows, overhead, identical, n_texts, pairs, loads) -> None:
@@ -227,12 +234,12 @@ def write_report(args, rows, overhead, identical, n_texts, pairs, loads) -> None
     for name, r in rows.items():
         lines.append(f"| {name} | {r['threads']} | {r['sig_s']:.1f} | {r['texts_s']:.1f} | "
                      f"{r['d_s']:.2f} | {r['pairs_s']:.0f} | "
-                     f"{r.get('d_first_s', float('nan')):.2f} | "
-                     f"{r.get('init_s', float('nan')):.1f} | {r['load']:.1f} |")
+                     f"{_num(r.get('d_first_s'), 2)} | {_num(r.get('init_s'), 1)} | "
+                     f"{r['load']:.1f} |")
     lines += [
         "",
-        "\"D first call\" includes starting Ray's task workers (each imports metalora); "
-        "\"D\" is a second, warm call.",
+        "D on Ray: the second of two calls made after the bank's own index (whose D already "
+        "started the task workers), column \"D first call\" the first; locally one call.",
         "",
         "## Fixed overhead",
         "",
@@ -276,7 +283,7 @@ def write_report(args, rows, overhead, identical, n_texts, pairs, loads) -> None
         "`map_batches`, it could only go through `**ray_remote_args`, which Ray 2.60 "
         "deprecates (removal announced for 2.64). Likewise the actor pool is sized with "
         "`compute=ActorPoolStrategy(size=...)`, `concurrency=` being deprecated since 2.51. "
-        "distance row blocks are `@ray.remote` tasks with `max_retries=3` "
+        "Distance row blocks are `@ray.remote` tasks with `max_retries=3` "
         "(`RayExecutor(block_retries=...)`).",
         "",
     ]
