@@ -33,17 +33,16 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Dict, List
 
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "python"))
 
-import metalora  # noqa: E402
-from metalora import bank_index as bi  # noqa: E402
-from metalora.demo import demo_bank  # noqa: E402
-from metalora.embed import Embedder  # noqa: E402
+import metalora
+from metalora import bank_index as bi
+from metalora.demo import demo_bank
+from metalora.embed import Embedder
 
 SENTENCES = HERE / "data" / "ni_sentences_1000.jsonl"
 
@@ -90,7 +89,7 @@ def fresh_bank(work: Path, template: Path, name: str) -> metalora.Bank:
     return metalora.Bank(shutil.copytree(template, d))
 
 
-def clouds_from(sigs: List[np.ndarray], count: int, points: int) -> List[np.ndarray]:
+def clouds_from(sigs: list[np.ndarray], count: int, points: int) -> list[np.ndarray]:
     """``count`` signatures of ``points`` real embedded points each (seeded draws from all the
     bank's points), so the distance benchmark has the cost of real signatures of that size."""
     pool = np.concatenate(sigs)
@@ -126,7 +125,7 @@ def main(argv=None) -> int:
     n_texts = args.datasets * args.examples
     pairs = args.clouds * (args.clouds + 1) // 2
     params = bi._metric_params("sinkhorn", None)
-    rows: Dict[str, dict] = {}
+    rows: dict[str, dict] = {}
     loads = []
 
     def load() -> float:
@@ -212,23 +211,23 @@ def write_report(args, rows, overhead, identical, n_texts, pairs, loads) -> None
     lines = [
         "# Bank index on Ray (issue 15)",
         "",
-        f"`python bench/ray_index.py --datasets {args.datasets} --examples {args.examples} "
+        (f"`python bench/ray_index.py --datasets {args.datasets} --examples {args.examples} "
         f"--clouds {args.clouds} --points {args.points}`: a bank of {args.datasets} datasets "
         f"x {args.examples} Natural-Instructions sentences (20-600 characters; "
         f"`bench/data/ni_sentences_1000.jsonl`), {n_texts} texts, embedded with a fresh "
         f"signature cache per row; D = sinkhorn over {args.clouds} signatures of "
-        f"{args.points} real embedded points ({pairs} bank pairs, the diagonal included).",
+        f"{args.points} real embedded points ({pairs} bank pairs, the diagonal included)."),
         "",
-        f"Machine: {os.cpu_count()} cores ({platform.processor() or platform.machine()}), "
+        (f"Machine: {os.cpu_count()} cores ({platform.processor() or platform.machine()}), "
         f"Ray {__import__('ray').__version__}, a local Ray instance started with "
         f"`num_cpus` = workers; **shared with other jobs**: 1-minute load average "
-        f"{min(loads):.1f}-{max(loads):.1f} during the run, so the rows swing.",
-        "Ray workers are actors of 1 CPU running ONNX Runtime with 1 intra-op thread (the "
+        f"{min(loads):.1f}-{max(loads):.1f} during the run, so the rows swing."),
+        ("Ray workers are actors of 1 CPU running ONNX Runtime with 1 intra-op thread (the "
         "local path's thread count is what the actors use, so the points are the local ones "
-        f"bit for bit: **{'identical' if identical else 'DIFFERENT'}** in this run).",
+        f"bit for bit: **{'identical' if identical else 'DIFFERENT'}** in this run)."),
         "",
-        "| executor | ORT threads | signatures (s) | texts/s | D (s) | pairs/s | "
-        "D first call (s) | ray.init (s) | load |",
+        ("| executor | ORT threads | signatures (s) | texts/s | D (s) | pairs/s | "
+        "D first call (s) | ray.init (s) | load |"),
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in rows.items():
@@ -238,26 +237,26 @@ def write_report(args, rows, overhead, identical, n_texts, pairs, loads) -> None
                      f"{r['load']:.1f} |")
     lines += [
         "",
-        "D on Ray: the second of two calls made after the bank's own index (whose D already "
-        "started the task workers), column \"D first call\" the first; locally one call.",
+        ("D on Ray: the second of two calls made after the bank's own index (whose D already "
+        "started the task workers), column \"D first call\" the first; locally one call."),
         "",
         "## Fixed overhead",
         "",
-        f"The demonstration bank (12 datasets x 40 texts) indexed end to end (signatures, D, "
+        (f"The demonstration bank (12 datasets x 40 texts) indexed end to end (signatures, D, "
         f"G), fresh cache: locally {overhead['local']:.1f} s, on Ray with 2 workers "
         f"{overhead['ray']:.1f} s once Ray is up, plus {overhead['init']:.1f} s for "
         f"`ray.init` of a local instance: Ray costs about **{fixed:.0f} s** fixed (starting "
         f"the actors, which build their ONNX Runtime sessions, and the task workers). Below a "
-        f"few hundred datasets on one machine the local path is faster.",
+        f"few hundred datasets on one machine the local path is faster."),
         "",
         "## On paper: 1,000 adapters x 2,000 examples on N 16-core nodes",
         "",
-        f"Signatures of n = 256 examples each (the default): {big_texts:,} texts; D: "
+        (f"Signatures of n = 256 examples each (the default): {big_texts:,} texts; D: "
         f"{big_pairs:,} pairs at 256 points. Per-core rates measured here (local, 1 thread): "
         f"{r_e:.1f} texts/s and {r_d:.0f} pairs/s. Both parts are embarrassingly parallel "
         f"(one dataset per actor call, one row block per task; 1,000 datasets keep up to "
         f"1,000 cores busy), so assuming linear scaling over 16 N cores plus the fixed "
-        f"overhead above:",
+        f"overhead above:"),
         "",
         "| nodes (16 cores) | signatures | D | total |",
         "|---|---|---|---|",
@@ -269,14 +268,14 @@ def write_report(args, rows, overhead, identical, n_texts, pairs, loads) -> None
                      f"{(te + td + fixed) / 60:.1f} min ({te + td + fixed:.0f} s) |")
     lines += [
         "",
-        "Caveats: a 16-core node's cores are not all as fast as one core alone here (memory "
+        ("Caveats: a 16-core node's cores are not all as fast as one core alone here (memory "
         "bandwidth, turbo), texts longer than these sentences embed slower, and the driver "
         "writes every signature into the cache (256 x 384 float32 = 384 KiB each), so count "
-        "on somewhat more.",
+        "on somewhat more."),
         "",
         "## Retries",
         "",
-        "Embedding actors are restarted by Ray Data when their process dies and their "
+        ("Embedding actors are restarted by Ray Data when their process dies and their "
         "unfinished batches resubmitted (Ray Data's defaults for `map_batches` actors, "
         "`max_restarts=-1`, `max_task_retries=-1`). metalora keeps those defaults and "
         "passes neither: in Ray 2.60 `max_restarts` is not a named parameter of "
@@ -284,7 +283,7 @@ def write_report(args, rows, overhead, identical, n_texts, pairs, loads) -> None
         "deprecates (removal announced for 2.64). Likewise the actor pool is sized with "
         "`compute=ActorPoolStrategy(size=...)`, `concurrency=` being deprecated since 2.51. "
         "Distance row blocks are `@ray.remote` tasks with `max_retries=3` "
-        "(`RayExecutor(block_retries=...)`).",
+        "(`RayExecutor(block_retries=...)`)."),
         "",
     ]
     args.out.write_text("\n".join(lines))

@@ -13,8 +13,8 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple
 
 from metalora.embed import Embedder
 
@@ -49,7 +49,7 @@ class CountingEmbedder(Embedder):
         return super().embed(texts)
 
 
-def read_log(path) -> List[Tuple[int, str]]:
+def read_log(path) -> list[tuple[int, str]]:
     """The ``(pid, texts digest)`` lines of a :class:`CountingEmbedder` log (none if absent)."""
     p = Path(path)
     if not p.is_file():
@@ -78,7 +78,7 @@ class ActorKiller(threading.Thread):
     def __init__(self, log, after: int = 2, timeout: float = 120.0):
         super().__init__(daemon=True)
         self.log, self.after, self.timeout = log, after, timeout
-        self.killed: Optional[int] = None
+        self.killed: int | None = None
         self.lines_at_kill = 0
 
     def run(self) -> None:

@@ -16,20 +16,29 @@ import subprocess
 import sys
 from pathlib import Path
 
+import metalora
 import numpy as np
 import pytest
-
-import metalora
+from _ray_helpers import (
+    ActorKiller,
+    CountingEmbedder,
+    pid_alive,
+    read_log,
+    texts_digest,
+)
+from conftest import embedder_installed, needs_embedder
 from metalora import bank_index as bi
-from metalora.bank_index import (ExecutorError, LocalExecutor, RayNotInstalledError,
-                                 executor_for, index_bank)
+from metalora.bank_index import (
+    ExecutorError,
+    LocalExecutor,
+    RayNotInstalledError,
+    executor_for,
+    index_bank,
+)
 from metalora.cli import main
 from metalora.demo import demo_bank
 from metalora.embed import Embedder
 from metalora.signatures import embedding_job
-
-from _ray_helpers import ActorKiller, CountingEmbedder, pid_alive, read_log, texts_digest
-from conftest import embedder_installed, needs_embedder
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent

@@ -34,7 +34,8 @@ import logging
 import math
 import os
 import socket
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -42,7 +43,7 @@ from .bank_index import _BLOCK_PAIRS, Executor, ExecutorError, RayNotInstalledEr
 
 try:
     import ray
-    import ray.data  # noqa: F401  (Ray Data: ray[data])
+    import ray.data
 except ImportError as _exc:  # the optional extra is missing
     raise RayNotInstalledError(str(_exc)) from None
 
@@ -50,7 +51,7 @@ from ._io import positive_int
 from ._progress import Progress
 from .signatures import EmbeddingJob
 
-__all__ = ["RayExecutor", "RayClusterError"]
+__all__ = ["RayClusterError", "RayExecutor"]
 
 _log = logging.getLogger("metalora")
 
@@ -69,7 +70,7 @@ class _EmbedActor:
         self.embedder.progress = False  # the driver shows the bank's bar
         self.id = self.embedder.id
 
-    def __call__(self, batch: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         pos, points, rows, dims = [], [], [], []
         for i, eid, texts in zip(batch["i"], batch["embedder"], batch["texts"]):
             if str(eid) != self.id:
@@ -86,7 +87,7 @@ class _EmbedActor:
                 "rows": np.asarray(rows, np.int64), "dim": np.asarray(dims, np.int64)}
 
 
-def _distance_task(sigs: Sequence[Any], metric: str, params: dict, rows: Tuple[int, int],
+def _distance_task(sigs: Sequence[Any], metric: str, params: dict, rows: tuple[int, int],
                    threads: int) -> np.ndarray:
     """One row block of :math:`D` on a Ray worker (:func:`metalora.bank_index.distance_block`)."""
     from .bank_index import distance_block
@@ -120,9 +121,9 @@ class RayExecutor(Executor):
 
     name = "ray"
 
-    def __init__(self, address: Optional[str] = None, actors: Optional[int] = None,
-                 cpus_per_actor: Optional[int] = None, *, block_retries: int = 3,
-                 num_cpus: Optional[int] = None):
+    def __init__(self, address: str | None = None, actors: int | None = None,
+                 cpus_per_actor: int | None = None, *, block_retries: int = 3,
+                 num_cpus: int | None = None):
         if actors is not None:
             positive_int(actors, "actors")
         if cpus_per_actor is not None:
@@ -140,7 +141,7 @@ class RayExecutor(Executor):
         self.cpus_per_actor = cpus_per_actor
         self.block_retries = int(block_retries)
         self._started = False  # this executor called ray.init (and shuts Ray down)
-        self.last_plan: Dict[str, int] = {}
+        self.last_plan: dict[str, int] = {}
 
     def __repr__(self) -> str:
         return (f"RayExecutor(address={self.address!r}, actors={self.actors}, "
@@ -154,7 +155,7 @@ class RayExecutor(Executor):
         if ray.is_initialized():
             return
         where = self.address or "a local Ray instance"
-        kw: Dict[str, Any] = {}
+        kw: dict[str, Any] = {}
         if self.address is None:  # our own instance: its workers import this very metalora
             kw["runtime_env"] = {"env_vars": {"PYTHONPATH": _worker_pythonpath()}}
             kw["num_cpus"] = self.num_cpus
@@ -173,7 +174,7 @@ class RayExecutor(Executor):
             ray.shutdown()
         self._started = False
 
-    def resources(self) -> Tuple[int, int]:
+    def resources(self) -> tuple[int, int]:
         """(CPUs of the whole cluster, CPUs of its largest alive node)."""
         self.connect()
         total = int(ray.cluster_resources().get("CPU", 0))
@@ -185,7 +186,7 @@ class RayExecutor(Executor):
                                   f"CPUs to run on (resources {ray.cluster_resources()})")
         return total, largest
 
-    def plan(self, jobs: int, threads: int) -> Dict[str, int]:
+    def plan(self, jobs: int, threads: int) -> dict[str, int]:
         """The actor pool for ``jobs`` datasets with ``threads`` ONNX Runtime threads per
         actor: ``{"actors", "cpus_per_actor", "threads", "cluster_cpus"}``."""
         total, largest = self.resources()
@@ -198,7 +199,7 @@ class RayExecutor(Executor):
                 "cluster_cpus": total}
 
     # -- the work -----------------------------------------------------------------------------
-    def embed(self, jobs: Sequence[EmbeddingJob], embedder) -> Iterator[Tuple[int, np.ndarray]]:
+    def embed(self, jobs: Sequence[EmbeddingJob], embedder) -> Iterator[tuple[int, np.ndarray]]:
         """Embed every job on the actor pool; yields ``(position, points)`` as each dataset's
         signature arrives (the caller stores it at once)."""
         if not jobs:
@@ -235,8 +236,8 @@ class RayExecutor(Executor):
         return max(1, min(_BLOCK_PAIRS, math.ceil(pairs / (4 * total))))
 
     def distance_blocks(self, sigs: Sequence[Any], metric: str, params: dict,
-                        blocks: Sequence[Tuple[int, int]], *, threads: int = 0,
-                        progress: Optional[bool] = None) -> List[np.ndarray]:
+                        blocks: Sequence[tuple[int, int]], *, threads: int = 0,
+                        progress: bool | None = None) -> list[np.ndarray]:
         """Every row block as a Ray task (1 CPU, 1 OpenMP thread each: the pairs of a block are
         computed exactly as locally, whatever the thread count), gathered in block order."""
         self.connect()
@@ -244,7 +245,7 @@ class RayExecutor(Executor):
         shared = ray.put(list(sigs))
         refs = [task.remote(shared, metric, params, b, 1) for b in blocks]
         where = {r: k for k, r in enumerate(refs)}
-        parts: List[Optional[np.ndarray]] = [None] * len(refs)
+        parts: list[np.ndarray | None] = [None] * len(refs)
         pending = list(refs)
         with Progress(len(blocks), f"metalora bank distances ({metric}, ray)", "block",
                       (len(sigs) >= 40) if progress is None else progress) as bar:
