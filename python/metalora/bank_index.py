@@ -14,6 +14,11 @@ r"""The bank index: what is computed once per bank and stored beside it.
 * the chosen temperature of ``tau="auto"`` per metric, operator and ``top_k``,
 * the neural operator, with the metric and options it was trained on.
 
+:func:`index_bank` (what ``metalora bank index`` runs) computes the signatures and :math:`D` on an
+:class:`Executor`: :class:`LocalExecutor` here, or a Ray cluster
+(:class:`metalora.bank_index_ray.RayExecutor`, ``--ray``; the ``ray`` extra), with the same
+results; the driver alone writes the cache and the index.
+
 Every entry records content hashes of what it was computed from: the signatures (a sha256 of
 their arrays) for :math:`D`, the adapters' weight files (sha256, with a size/mtime shortcut) for
 :math:`G`, both for ``tau`` and the neural operator. On load the hashes are checked: a stale
@@ -34,6 +39,7 @@ import logging
 import os
 from pathlib import Path
 import time
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
@@ -81,7 +87,7 @@ class RayNotInstalledError(ExecutorError, ImportError):
 # executors: where the index's work runs
 
 
-class Executor:
+class Executor(ABC):
     """Where :func:`index_bank` computes the bank's embedding signatures and the row blocks of
     its distance matrix. The driver (the calling process) decides what is missing, stores every
     result it receives (signature cache, index files) and assembles :math:`D`; an executor only
@@ -91,16 +97,16 @@ class Executor:
 
     name = "executor"
 
+    @abstractmethod
     def embed(self, jobs: Sequence[EmbeddingJob], embedder) -> Iterator[Tuple[int, np.ndarray]]:
         """Compute ``embedder.embed(job.texts)`` for every job; yield ``(position in jobs,
         points)`` as each finishes (any order), so the caller can store each one at once."""
-        raise NotImplementedError
 
+    @abstractmethod
     def distance_blocks(self, sigs: Sequence[Any], metric: str, params: dict,
                         blocks: Sequence[Tuple[int, int]], *, threads: int = 0,
                         progress: Optional[bool] = None) -> List[np.ndarray]:
         """:func:`distance_block` of every row block, in the order of ``blocks``."""
-        raise NotImplementedError
 
     def pairs_per_block(self, K: int, symmetric: bool) -> int:
         """How many pairs of the ``K x K`` matrix one row block should hold here."""
