@@ -14,6 +14,11 @@ r"""The bank index: what is computed once per bank and stored beside it.
 * the chosen temperature of ``tau="auto"`` per metric, operator and ``top_k``,
 * the neural operator, with the metric and options it was trained on.
 
+:func:`index_bank` (what ``metalora bank index`` runs) computes the signatures and :math:`D` on an
+:class:`Executor`: :class:`LocalExecutor` here, or a Ray cluster
+(:class:`metalora.bank_index_ray.RayExecutor`, ``--ray``; the ``ray`` extra), with the same
+results; the driver alone writes the cache and the index.
+
 Every entry records content hashes of what it was computed from: the signatures (a sha256 of
 their arrays) for :math:`D`, the adapters' weight files (sha256, with a size/mtime shortcut) for
 :math:`G`, both for ``tau`` and the neural operator. On load the hashes are checked: a stale
@@ -33,17 +38,22 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
 from ._io import atomic_write, positive_int
 from ._progress import Progress
 from .bank import Bank
-from .signatures import DEFAULT_N, DEFAULT_SEED
+from .signatures import DEFAULT_N, DEFAULT_SEED, EmbeddingJob
 
 __all__ = ["BankIndex", "bank_signatures", "parameter_gram", "distance_block", "row_blocks",
-           "signature_digest", "pack_bank", "pack_path", "INDEX_DIR", "BankIndexError"]
+           "signature_digest", "pack_bank", "pack_path", "INDEX_DIR", "BankIndexError",
+           "index_bank", "IndexResult", "Executor", "LocalExecutor", "executor_for",
+           "ExecutorError", "RayNotInstalledError", "RAY_INSTALL_HINT"]
 
 _log = logging.getLogger("metalora")
 
@@ -55,6 +65,114 @@ _BLOCK_PAIRS = 4096  # pairs per row block of D when none is given (a few second
 class BankIndexError(ValueError):
     """The bank index cannot serve a request (e.g. a neural operator trained for another
     metric); the message says what to run."""
+
+
+RAY_INSTALL_HINT = "pip install 'metalora[ray]'"
+
+
+class ExecutorError(RuntimeError):
+    """An executor cannot run the bank index's work (its message says why and what to do)."""
+
+
+class RayNotInstalledError(ExecutorError, ImportError):
+    """The Ray executor was asked for and Ray (with Ray Data) is not installed."""
+
+    def __init__(self, detail: str = ""):
+        super().__init__(f"the Ray executor needs Ray with Ray Data, which is not installed"
+                         f"{' (' + detail + ')' if detail else ''}: install it with "
+                         f"{RAY_INSTALL_HINT}")
+
+
+# ------------------------------------------------------------------------------------------------
+# executors: where the index's work runs
+
+
+class Executor(ABC):
+    """Where :func:`index_bank` computes the bank's embedding signatures and the row blocks of
+    its distance matrix. The driver (the calling process) decides what is missing, stores every
+    result it receives (signature cache, index files) and assembles :math:`D`; an executor only
+    computes. Subclasses implement :meth:`embed` and :meth:`distance_blocks`;
+    :class:`LocalExecutor` runs here, :class:`metalora.bank_index_ray.RayExecutor` on a Ray
+    cluster. Executors are context managers (:meth:`close` releases what they started)."""
+
+    name = "executor"
+
+    @abstractmethod
+    def embed(self, jobs: Sequence[EmbeddingJob], embedder) -> Iterator[Tuple[int, np.ndarray]]:
+        """Compute ``embedder.embed(job.texts)`` for every job; yield ``(position in jobs,
+        points)`` as each finishes (any order), so the caller can store each one at once."""
+
+    @abstractmethod
+    def distance_blocks(self, sigs: Sequence[Any], metric: str, params: dict,
+                        blocks: Sequence[Tuple[int, int]], *, threads: int = 0,
+                        progress: Optional[bool] = None) -> List[np.ndarray]:
+        """:func:`distance_block` of every row block, in the order of ``blocks``."""
+
+    def pairs_per_block(self, K: int, symmetric: bool) -> int:
+        """How many pairs of the ``K x K`` matrix one row block should hold here."""
+        return _BLOCK_PAIRS
+
+    def close(self) -> None:
+        """Release what the executor started (nothing for the local one)."""
+
+    def __enter__(self) -> "Executor":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class LocalExecutor(Executor):
+    """This process: signatures one dataset after the other with the embedder's own threads,
+    row blocks in order with ``threads`` OpenMP threads (what ``metalora bank index`` does
+    without ``--ray``)."""
+
+    name = "local"
+
+    def embed(self, jobs: Sequence[EmbeddingJob], embedder) -> Iterator[Tuple[int, np.ndarray]]:
+        for i, job in enumerate(jobs):
+            yield i, embedder.embed(list(job.texts))
+
+    def distance_blocks(self, sigs: Sequence[Any], metric: str, params: dict,
+                        blocks: Sequence[Tuple[int, int]], *, threads: int = 0,
+                        progress: Optional[bool] = None) -> List[np.ndarray]:
+        with Progress(len(blocks), f"metalora bank distances ({metric})", "block",
+                      (len(sigs) >= 40) if progress is None else progress) as bar:
+            parts = []
+            for b in blocks:
+                parts.append(distance_block(sigs, metric, params, b, threads=threads))
+                bar.update()
+        return parts
+
+
+def executor_for(ray: Union[None, bool, str] = None, *, actors: Optional[int] = None,
+                 cpus_per_actor: Optional[int] = None) -> Executor:
+    """The executor for ``ray``: ``None``/``False`` -> :class:`LocalExecutor`; ``True`` or
+    ``""`` -> a :class:`~metalora.bank_index_ray.RayExecutor` on a local Ray instance (started
+    on first use); a string -> one connected to the Ray cluster at that address
+    (``host:port`` or ``ray://host:port``). ``actors`` / ``cpus_per_actor`` size the pool of
+    embedding actors (defaults from the cluster's resources) and apply to Ray only.
+
+    Raises :class:`RayNotInstalledError` (install with ``pip install 'metalora[ray]'``) when
+    Ray is asked for and not installed; ray itself is imported by
+    :mod:`metalora.bank_index_ray` only.
+    """
+    if ray is None or ray is False:
+        if actors is not None or cpus_per_actor is not None:
+            raise ValueError("actors= and cpus_per_actor= size the Ray executor: pass ray=True "
+                             "(or a cluster address) with them")
+        return LocalExecutor()
+    if not isinstance(ray, (bool, str)):
+        raise TypeError(f"ray= takes True, False, None or a cluster address, not "
+                        f"{type(ray).__name__}")
+    try:
+        from .bank_index_ray import RayExecutor
+    except RayNotInstalledError:
+        raise
+    except ImportError as exc:  # pragma: no cover - a broken ray install
+        raise RayNotInstalledError(str(exc)) from None
+    address = None if ray is True or ray == "" else ray
+    return RayExecutor(address=address, actors=actors, cpus_per_actor=cpus_per_actor)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -100,7 +218,8 @@ def _file_sha256(path: Path) -> str:
 
 def bank_signatures(bank: Bank, *, kind: str = "embedding", embedder=None, tokenizer=None,
                     cache: Any = True, n: Optional[int] = DEFAULT_N, seed: int = DEFAULT_SEED,
-                    progress: bool = True, packs: Optional[Sequence[Any]] = None) -> list:
+                    progress: bool = True, packs: Optional[Sequence[Any]] = None,
+                    executor: Optional[Executor] = None, log: Optional[dict] = None) -> list:
     """Signatures of every bank adapter's dataset: from the bank's shipped signature pack when
     it holds them, else from the signature cache, else computed (and cached).
 
@@ -110,9 +229,15 @@ def bank_signatures(bank: Bank, *, kind: str = "embedding", embedder=None, token
     bank index's, :meth:`BankIndex.packs`; ``[]`` for none). A pack that does not serve this
     run (another embedder, another ``n``, an edited dataset) is logged with the reason.
 
+    ``executor``: where the missing embedding signatures are computed (default
+    :class:`LocalExecutor`); each one is written into the cache as soon as it arrives, so an
+    interrupted run keeps what finished and a re-run embeds only the rest. Token signatures
+    are always computed here (tokenizing is fast). ``log``: a dict that receives
+    ``{"embedded": int, "reused": int}`` (signatures computed / read from a pack or cache).
+
     Raises a ValueError naming the adapters whose manifest entry has no ``dataset``.
     """
-    from .signatures import signature, signature_key
+    from .signatures import _resolve_cache, cached_points, embedding_job, signature, store_points
 
     missing = [k for k in bank.ids if bank.dataset_path(k) is None]
     if missing:
@@ -123,29 +248,46 @@ def bank_signatures(bank: Bank, *, kind: str = "embedding", embedder=None, token
 
         embedder = default_embedder(progress=False)  # one bar for the whole bank below
     if kind != "embedding":
-        packs = []
-    elif packs is None:
+        with Progress(len(bank), "metalora bank signatures", "dataset",
+                      None if progress else False) as bar:
+            sigs = []
+            for k in bank.ids:
+                sigs.append(signature(bank.dataset_path(k), kind=kind, tokenizer=tokenizer,
+                                      cache=cache, n=n, seed=seed))
+                bar.update()
+        return sigs
+    if packs is None:
         packs = BankIndex(bank).packs()
-    datasets = None
+    jobs = [embedding_job(bank.dataset_path(k), embedder=embedder, n=n, seed=seed, label=k)
+            for k in bank.ids]  # exactly the key and texts signature() uses
     if packs:  # which bank datasets the packs cannot serve, and why (said once per run)
-        from .datasets import load_dataset
-
-        datasets = [load_dataset(bank.dataset_path(k), what="input+output").subsample(n, seed)
-                    for k in bank.ids]
-        keys = [signature_key(ds, embedder=embedder) for ds in datasets]
+        keys = [j.key for j in jobs]
         misses = [k for k, key in zip(bank.ids, keys) if not any(key in p for p in packs)]
         if misses:
             _log.info("bank index: %s", _pack_miss_reason(packs, bank, misses, keys, embedder, n,
                                                           seed))
-    with Progress(len(bank), "metalora bank signatures", "dataset",
-                  None if progress else False) as bar:
-        sigs = []
-        for i, k in enumerate(bank.ids):
-            src = bank.dataset_path(k) if datasets is None else datasets[i]
-            sigs.append(signature(src, kind=kind, embedder=embedder, tokenizer=tokenizer,
-                                  cache=cache, n=None if datasets is not None else n, seed=seed,
-                                  packs=packs))
-            bar.update()
+    store = _resolve_cache(cache)
+    sigs: List[Any] = [cached_points(j, store, packs) for j in jobs]
+    todo = [i for i, x in enumerate(sigs) if x is None]
+    if log is not None:
+        log.update(embedded=0, reused=len(jobs) - len(todo))
+    if todo:
+        executor = executor if executor is not None else LocalExecutor()
+        with Progress(len(bank), "metalora bank signatures", "dataset",
+                      None if progress else False) as bar:
+            bar.update(len(jobs) - len(todo))
+            for pos, points in executor.embed([jobs[i] for i in todo], embedder):
+                i = todo[pos]
+                if sigs[i] is not None:  # a result delivered twice (a retried worker)
+                    continue
+                sigs[i] = store_points(jobs[i], points, store)
+                if log is not None:
+                    log["embedded"] += 1
+                bar.update()
+        left = [bank.ids[i] for i in todo if sigs[i] is None]
+        if left:
+            raise ExecutorError(f"the {executor.name} executor returned no signature for "
+                                f"{len(left)} bank datasets ({', '.join(left[:5])})")
     return sigs
 
 
@@ -405,10 +547,14 @@ class BankIndex:
 
     def distance_matrix(self, sigs: Sequence[Any], metric: str, params: Optional[dict] = None, *,
                         threads: int = 0, progress: Optional[bool] = None,
-                        compute_blocks: Optional[Callable] = None) -> np.ndarray:
+                        compute_blocks: Optional[Callable] = None,
+                        pairs_per_block: Union[int, Callable[[int, bool], int]] = _BLOCK_PAIRS
+                        ) -> np.ndarray:
         """The bank distance matrix for ``metric`` (stored; recomputed when the signatures
         changed). ``compute_blocks(sigs, metric, params, blocks) -> [array]`` computes the row
-        blocks elsewhere (default: here, in order)."""
+        blocks elsewhere (default: here, in order); ``pairs_per_block`` sizes them, or
+        ``pairs_per_block(K, symmetric)`` does when D must be computed (:func:`row_blocks`:
+        any size gives the same matrix bit for bit)."""
         spec = _metric(metric)
         params = _metric_params(metric, params)
         name = self._d_name(metric, params)
@@ -421,7 +567,9 @@ class BankIndex:
             _log.info("bank index: recomputing D for %s: %s", metric,
                       self._changed(meta.get("inputs", {}), inputs, "signatures"))
         K = len(sigs)
-        blocks = row_blocks(K, spec.symmetric)
+        if callable(pairs_per_block):
+            pairs_per_block = pairs_per_block(K, spec.symmetric)
+        blocks = row_blocks(K, spec.symmetric, pairs_per_block)
         if compute_blocks is None:
             with Progress(len(blocks), f"metalora bank distances ({metric})", "block",
                           (K >= 40) if progress is None else progress) as bar:
@@ -587,3 +735,109 @@ def pack_bank(bank: Bank, *, embedder=None, n: Optional[int] = DEFAULT_N,
     total = sum(f.stat().st_size for f in directory.iterdir() if f.suffix == ".npz")
     return {"pack": target, "pack_bytes": size, "signatures": len(entries), "index_bytes": total,
             "tau": tau, "seconds": time.perf_counter() - t0}
+
+
+# ------------------------------------------------------------------------------------------------
+# indexing a bank (the work of `metalora bank index`)
+
+
+@dataclass
+class IndexResult:
+    """What :func:`index_bank` did.
+
+    Attributes
+    ----------
+    index : BankIndex
+        The bank's stored index (``D`` and ``G`` written into it).
+    signatures : list
+        The bank datasets' signatures, in bank order.
+    D : ndarray
+        The bank distance matrix for ``distance``.
+    embedded, reused : int
+        Signatures computed in this run / read from the signature cache or a shipped pack.
+    executor : str
+        Which executor ran the work (``"local"``, ``"ray"``).
+    seconds : dict
+        Wall time of ``signatures``, ``distances`` (D and G) and ``total``.
+    """
+
+    index: BankIndex
+    signatures: list
+    D: np.ndarray
+    embedded: int = 0
+    reused: int = 0
+    executor: str = "local"
+    seconds: Dict[str, float] = field(default_factory=dict)
+
+
+def index_bank(bank: Bank, *, distance: str = "sinkhorn", tokenizer=None, embedder=None,
+               n: Optional[int] = DEFAULT_N, seed: int = DEFAULT_SEED, cache: Any = True,
+               threads: int = 0, progress: Optional[bool] = True, gram: bool = True,
+               executor: Optional[Executor] = None,
+               ray: Union[None, bool, str] = None) -> IndexResult:
+    """Index ``bank`` for ``distance``: the signatures of its datasets (signature cache), the
+    bank distance matrix :math:`D` and the parameter Gram matrix :math:`G` (in its
+    :class:`BankIndex`), what ``metalora bank index BANK`` does.
+
+    Parameters
+    ----------
+    bank : Bank
+    distance : str
+        The metric of :math:`D` (its signature kind decides embedding vs token signatures;
+        token distances need ``tokenizer``).
+    embedder, n, seed, cache : optional
+        As for :func:`bank_signatures`.
+    threads : int
+        OpenMP threads of the local distance computations (0: all).
+    gram : bool
+        Also compute and store :math:`G` (here: it reads every adapter's weights).
+    executor : Executor, optional
+        Where the missing embedding signatures and the row blocks of :math:`D` are computed:
+        :class:`LocalExecutor` (default) or a :class:`~metalora.bank_index_ray.RayExecutor`
+        (``executor_for(ray=True)``). Every executor gives the same signatures (bit for bit:
+        the Ray actors run ONNX Runtime with the local thread count) and the same :math:`D`;
+        the index files are the same. An executor passed in is not closed here.
+    ray : bool or str, optional
+        Shortcut for ``executor=executor_for(ray=ray)`` (closed on return): ``True`` starts a
+        local Ray instance, a string is the address of a cluster.
+
+    Returns
+    -------
+    IndexResult
+    """
+    from .distances import get_metric
+
+    if executor is not None and ray not in (None, False):
+        raise ValueError("pass executor= or ray=, not both")
+    spec = get_metric(distance)
+    kind = spec.kind.signature
+    if kind == "tokens" and tokenizer is None:
+        raise ValueError(f"distance {distance!r} compares token ids: pass tokenizer= (the base "
+                         f"model's tokenizer.json)")
+    own = executor is None
+    ex = executor_for(ray) if own else executor
+    try:
+        t0 = time.perf_counter()
+        log: dict = {}
+        sigs = bank_signatures(bank, kind=kind, embedder=embedder, tokenizer=tokenizer,
+                               cache=cache, n=n, seed=seed, progress=bool(progress),
+                               executor=ex, log=log)
+        t1 = time.perf_counter()
+        index = BankIndex(bank)
+
+        def compute(s, metric, params, blocks):
+            return ex.distance_blocks(s, metric, params, blocks, threads=threads,
+                                      progress=progress)
+
+        D = index.distance_matrix(sigs, distance, threads=threads, progress=progress,
+                                  compute_blocks=compute,
+                                  pairs_per_block=ex.pairs_per_block)
+        if gram:
+            index.gram()
+        t2 = time.perf_counter()
+    finally:
+        if own:
+            ex.close()
+    return IndexResult(index=index, signatures=sigs, D=D, embedded=log.get("embedded", 0),
+                       reused=log.get("reused", len(sigs)), executor=ex.name,
+                       seconds={"signatures": t1 - t0, "distances": t2 - t1, "total": t2 - t0})

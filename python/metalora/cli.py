@@ -264,7 +264,7 @@ def _cmd_bank_add(args: argparse.Namespace) -> int:
 
 def _cmd_bank_index(args: argparse.Namespace) -> int:
     from .bank import Bank
-    from .bank_index import BankIndex, bank_signatures
+    from .bank_index import ExecutorError, executor_for, index_bank
     from .distances import get_metric
 
     bank = Bank(args.bank)
@@ -274,21 +274,35 @@ def _cmd_bank_index(args: argparse.Namespace) -> int:
                         f"tokenizer.json (the base model's)")
     if args.pack_extra and not args.pack:
         raise UserError("--pack-extra applies with --pack only")
+    for flag, value in (("--ray-actors", args.ray_actors), ("--ray-cpus", args.ray_cpus)):
+        if value is not None and args.ray is None:
+            raise UserError(f"{flag} sizes the Ray executor: give it with --ray [ADDRESS]")
+        if value is not None and value < 1:
+            raise UserError(f"{flag} must be at least 1, got {value}")
     if args.pack:
+        if args.ray is not None:
+            raise UserError("--pack and --ray: run `metalora bank index BANK --ray` first, then "
+                            "--pack (it reads the signatures from the cache)")
         return _bank_pack(args, bank, spec)
-    t = time.perf_counter()
-    sigs = bank_signatures(bank, kind=spec.kind.signature, tokenizer=args.tokenizer, n=args.n,
-                           progress=True)
-    print(f"signatures of {len(bank)} bank datasets cached ({time.perf_counter() - t:.1f}s)")
-    index = BankIndex(bank)
-    t = time.perf_counter()
-    index.distance_matrix(sigs, args.distance, threads=args.threads, progress=True)
-    index.gram()
-    print(f"bank distances ({args.distance}) and parameter Gram matrix indexed "
-          f"({time.perf_counter() - t:.1f}s) in {index.directories[0]}")
+    try:
+        executor = executor_for(args.ray, actors=args.ray_actors, cpus_per_actor=args.ray_cpus)
+        with executor:
+            result = index_bank(bank, distance=args.distance, tokenizer=args.tokenizer, n=args.n,
+                                threads=args.threads, progress=True, executor=executor)
+            where = " on Ray" if executor.name == "ray" else ""
+            print(f"signatures of {len(bank)} bank datasets cached{where} ({result.embedded} "
+                  f"embedded, {result.reused} from the cache; "
+                  f"{result.seconds['signatures']:.1f}s)")
+            print(f"bank distances ({args.distance}) and parameter Gram matrix indexed{where} "
+                  f"({result.seconds['distances']:.1f}s) in {result.index.directories[0]}")
+    except ExecutorError as exc:
+        if args.ray is None:
+            raise
+        raise UserError(f"--ray: {exc}") from None
     if args.neural:
         t = time.perf_counter()
-        op = index.train_neural(sigs, args.distance, epochs=args.epochs, threads=args.threads)
+        op = result.index.train_neural(result.signatures, args.distance, epochs=args.epochs,
+                                       threads=args.threads)
         print(f"neural operator trained on {args.distance} (leave-one-out error "
               f"{op.meta['loo_error']:.4f}, {time.perf_counter() - t:.1f}s)")
     return 0
@@ -587,6 +601,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=400, help="neural operator training epochs "
                    "(default 400)")
     p.add_argument("--threads", type=int, default=0, help=_THREADS_HELP)
+    p.add_argument("--ray", nargs="?", const=True, default=None, metavar="ADDRESS",
+                   help="compute the signatures (an actor pool of embedders) and the distance "
+                   "blocks on a Ray cluster: the head's host:port or ray://host:port; without "
+                   "ADDRESS a local Ray instance is started. Same index as without it; an "
+                   "interrupted run resumes from the signature cache. Needs pip install "
+                   "'metalora[ray]'")
+    p.add_argument("--ray-actors", type=int, metavar="N", help="with --ray: embedding actors "
+                   "(default: the cluster's CPUs / --ray-cpus, at most one per dataset)")
+    p.add_argument("--ray-cpus", type=int, metavar="N", help="with --ray: CPUs per embedding "
+                   "actor (default: the ONNX Runtime threads of the local path)")
     p.set_defaults(func=_cmd_bank_index)
 
     p = sub.add_parser("inspect", help="summarise an adapter or a bank",

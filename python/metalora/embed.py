@@ -188,6 +188,11 @@ class Embedder:
             raise ValueError(f"max_length must be >= 3, got {max_length}")
         if threads < 0:
             raise ValueError(f"threads must be >= 0, got {threads}")
+        # what __reduce__ / with_threads rebuild the embedder from (the session is not pickled)
+        self._ctor = (model, tokenizer, dict(threads=int(threads), batch_size=int(batch_size),
+                                             max_batch_tokens=int(max_batch_tokens),
+                                             max_length=int(max_length),
+                                             normalize=bool(normalize), progress=progress))
         self.threads = int(threads)
         self.batch_size = int(batch_size)
         self.max_batch_tokens = int(max_batch_tokens)
@@ -327,6 +332,31 @@ class Embedder:
         return (f"Embedder(kind={self._kind!r}, threads={self.threads}, "
                 f"batch_size={self.batch_size}, max_length={self.max_length})")
 
+    # -- copies and pickling ------------------------------------------------------------------
+    def _pickle_extra(self) -> dict:
+        """Attributes a subclass adds that a pickled copy must keep (default: none)."""
+        return {}
+
+    def __reduce__(self):
+        """Pickled as its constructor arguments (plus :meth:`_pickle_extra`): the ONNX Runtime
+        session is rebuilt on first use after unpickling (e.g. once in each Ray actor)."""
+        model, tokenizer, kw = self._ctor
+        return (_rebuild_embedder, (type(self), model, tokenizer, kw, self._pickle_extra()))
+
+    def with_threads(self, threads: int) -> "Embedder":
+        """A copy of this embedder that runs ONNX Runtime with ``threads`` intra-op threads
+        (same model, tokenizer and options, hence the same :attr:`id`)."""
+        model, tokenizer, kw = self._ctor
+        return _rebuild_embedder(type(self), model, tokenizer, dict(kw, threads=int(threads)),
+                                 self._pickle_extra())
+
+    def resolved_threads(self) -> int:
+        """The intra-op thread count ONNX Runtime runs this embedder with on this machine:
+        :attr:`threads`, or for ``threads=0`` ONNX Runtime's default (one per physical core)."""
+        if self.threads > 0:
+            return self.threads
+        return physical_cores()
+
     def tokenize(self, texts: Sequence[str]):
         """Token ids per text (truncated at ``max_length``) and a per-text truncation flag."""
         encs = self._tokenizer.encode_batch(list(texts))
@@ -416,6 +446,36 @@ class Embedder:
             e = e.astype(np.float64)
             e /= np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)
         return e.astype(np.float32, copy=False)
+
+
+def _rebuild_embedder(cls: type, model, tokenizer, kw: dict, extra: dict) -> Embedder:
+    """Unpickle an :class:`Embedder` (or subclass): construct it from its arguments again."""
+    obj = cls.__new__(cls)
+    Embedder.__init__(obj, model, tokenizer, **kw)
+    obj.__dict__.update(extra)
+    return obj
+
+
+def physical_cores() -> int:
+    """Physical CPU cores of this machine (what ONNX Runtime's ``intra_op_num_threads=0``
+    uses): psutil's count when psutil is installed, else the Linux CPU topology, else
+    ``os.cpu_count()``."""
+    try:
+        import psutil
+
+        n = psutil.cpu_count(logical=False)
+        if n:
+            return int(n)
+    except ImportError:
+        pass
+    cores = set()
+    try:
+        for cpu in Path("/sys/devices/system/cpu").glob("cpu[0-9]*/topology"):
+            cores.add(((cpu / "physical_package_id").read_text().strip(),
+                       (cpu / "core_id").read_text().strip()))
+    except OSError:
+        cores = set()
+    return len(cores) or os.cpu_count() or 1
 
 
 _DEFAULT: dict = {}

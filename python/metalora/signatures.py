@@ -19,8 +19,9 @@ import json
 import os
 import warnings
 import zipfile
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence, Union
+from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -29,7 +30,7 @@ from .datasets import Dataset, load_dataset
 from .tokens import TokenSignature, load_tokenizer, token_signature
 
 __all__ = ["SignatureCache", "SignaturePack", "SignaturePackError", "signature",
-           "signature_key", "default_cache_dir", "SIGNATURE_KINDS", "DEFAULT_N", "DEFAULT_SEED"]
+           "signature_key", "EmbeddingJob", "embedding_job", "cached_points", "store_points", "default_cache_dir", "SIGNATURE_KINDS", "DEFAULT_N", "DEFAULT_SEED"]
 
 SIGNATURE_KINDS = ("embedding", "tokens")
 _FORMAT_VERSION = 1
@@ -323,8 +324,92 @@ class SignaturePack:
 def signature_key(ds: Dataset, *, embedder, what: Optional[str] = None,
                   template: Optional[str] = None) -> str:
     """The cache (and pack) key of the embedding signature of ``ds`` (already subsampled)."""
-    return SignatureCache.key(kind="embedding", texts=ds.content_hash(what, template),
-                              embedder=embedder.id, n=len(ds))
+    return SignatureCache.key(**_embedding_key_parts(ds, embedder, what, template))
+
+
+def _embedding_key_parts(ds: Dataset, embedder, what: Optional[str],
+                         template: Optional[str]) -> Dict[str, Any]:
+    return dict(kind="embedding", texts=ds.content_hash(what, template), embedder=embedder.id,
+                n=len(ds))
+
+
+@dataclass(frozen=True)
+class EmbeddingJob:
+    """One embedding signature to compute, described completely and picklable, so that any
+    executor (this process, a Ray actor on another machine) computes it and the driver stores
+    it under the same content-addressed key as :func:`signature` does.
+
+    Attributes
+    ----------
+    key : str
+        The signature-cache key (:func:`signature_key`).
+    texts : tuple of str
+        The texts to embed, in order (the dataset already subsampled): the signature is
+        ``embedder.embed(texts)``.
+    embedder_id : str
+        :attr:`Embedder.id` the key was made with; a worker whose embedder differs refuses the
+        job rather than store points under a wrong key.
+    meta : dict
+        What the cache stores beside the points (the key's parts, the dataset's source, name).
+    label : str
+        A name for messages (the bank id).
+    """
+
+    key: str
+    texts: Tuple[str, ...]
+    embedder_id: str
+    meta: Dict[str, Any] = field(default_factory=dict)
+    label: str = ""
+
+    @property
+    def n(self) -> int:
+        """Rows of the signature (one per text)."""
+        return len(self.texts)
+
+
+def embedding_job(data, *, embedder, what: Optional[str] = None,
+                  template: Optional[str] = None, n: Optional[int] = None, seed: int = 0,
+                  label: str = "") -> EmbeddingJob:
+    """The :class:`EmbeddingJob` of ``data`` (a Dataset, a path or a list of texts, as for
+    :func:`signature`) subsampled to ``n`` with ``seed``: the same key and texts
+    :func:`signature` uses."""
+    ds = _as_dataset(data, what).subsample(n, seed)
+    parts = _embedding_key_parts(ds, embedder, what, template)
+    return EmbeddingJob(key=SignatureCache.key(**parts), texts=tuple(ds.texts(what, template)),
+                        embedder_id=embedder.id,
+                        meta={**parts, "source": ds.source, "name": ds.name},
+                        label=label or str(ds.name or ""))
+
+
+def cached_points(job: EmbeddingJob, cache: Optional["SignatureCache"],
+                  packs: Sequence["SignaturePack"] = ()) -> Optional[np.ndarray]:
+    """The job's points from a shipped pack or the cache when present and valid, else None
+    (an invalid cache entry is reported and removed)."""
+    for pack in packs:
+        hit = pack.get(job.key)
+        if hit is not None and _valid_points(hit, job.n) is None:
+            return hit
+    if cache is not None:
+        hit = cache.load(job.key)
+        if hit is not None:
+            bad = _valid_points(hit.get("points"), job.n)
+            if bad is None:
+                return hit["points"]
+            cache.discard(job.key, bad)
+    return None
+
+
+def store_points(job: EmbeddingJob, points: np.ndarray,
+                 cache: Optional["SignatureCache"]) -> np.ndarray:
+    """Check ``points`` computed for ``job`` and store them in ``cache`` (when given) under the
+    job's key; returns them. A ValueError says what is wrong with points that do not fit the
+    job (they are not stored)."""
+    bad = _valid_points(points, job.n)
+    if bad is not None:
+        raise ValueError(f"the signature computed for {job.label or job.key[:12]} {bad}")
+    if cache is not None:
+        cache.store(job.key, {"points": points}, meta=job.meta)
+    return points
 
 
 def _valid_points(x: Any, n: int) -> Optional[str]:
@@ -409,7 +494,6 @@ def signature(data, *, kind: str = "embedding", embedder=None, tokenizer=None,
     if kind not in SIGNATURE_KINDS:
         raise ValueError(f"kind={kind!r}; expected one of {SIGNATURE_KINDS}")
     ds = _as_dataset(data, what).subsample(n, seed)
-    texts_hash = ds.content_hash(what, template)
     store = _resolve_cache(cache)
 
     if kind == "embedding":
@@ -417,29 +501,19 @@ def signature(data, *, kind: str = "embedding", embedder=None, tokenizer=None,
             from .embed import default_embedder
 
             embedder = default_embedder()
-        key_parts = dict(kind=kind, texts=texts_hash, embedder=embedder.id, n=len(ds))
-        key = SignatureCache.key(**key_parts)
-        for pack in packs:
-            hit = pack.get(key)
-            if hit is not None and _valid_points(hit, len(ds)) is None:
-                return hit
+        job = embedding_job(ds, embedder=embedder, what=what, template=template)
+        hit = cached_points(job, store, packs)
+        if hit is not None:
+            return hit
+        points = embedder.embed(list(job.texts))
         if store is not None:
-            hit = store.load(key)
-            if hit is not None:
-                bad = _valid_points(hit.get("points"), len(ds))
-                if bad is None:
-                    return hit["points"]
-                store.discard(key, bad)
-        points = embedder.embed(ds.texts(what, template))
-        if store is not None:
-            store.store(key, {"points": points},
-                        meta={**key_parts, "source": ds.source, "name": ds.name})
+            store.store(job.key, {"points": points}, meta=job.meta)
         return points
 
     if tokenizer is None:
         raise ValueError("kind='tokens' needs tokenizer= (the base model's tokenizer.json)")
     tok, tid = load_tokenizer(tokenizer)
-    key_parts = dict(kind=kind, texts=texts_hash, tokenizer=tid,
+    key_parts = dict(kind=kind, texts=ds.content_hash(what, template), tokenizer=tid,
                      add_special_tokens=bool(add_special_tokens), n=len(ds))
     key = SignatureCache.key(**key_parts)
     if store is not None:
