@@ -6,8 +6,9 @@ The only module of metalora that imports ray (an optional extra: ``pip install
 :class:`RayExecutor` runs the two expensive parts of :func:`metalora.bank_index.index_bank`:
 
 * the embedding signatures of the bank's datasets: a Ray Data pipeline,
-  ``ray.data.from_items(jobs).map_batches(_EmbedActor, concurrency=actors,
-  num_cpus=cpus_per_actor, batch_size=1)``, one block (and one retried unit) per dataset. Each
+  ``ray.data.from_items(jobs).map_batches(_EmbedActor,
+  compute=ActorPoolStrategy(size=actors), num_cpus=cpus_per_actor, batch_size=1)``
+  (``concurrency=`` is deprecated since Ray 2.51), one block (and one retried unit) per dataset. Each
   actor builds its :class:`~metalora.embed.Embedder` (one ONNX Runtime session) once, in
   ``__init__``, with the intra-op thread count the local path uses, so that ONNX Runtime's
   reductions, hence the signatures, are bit for bit the local ones. The driver streams the
