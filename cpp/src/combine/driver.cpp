@@ -1,4 +1,4 @@
-// OpenMP driver of the combination kernels (see metalora/combine.hpp). Each run_* takes the
+// Driver of the combination kernels (parallel on the task pool, common/pool.hpp) (see metalora/combine.hpp). Each run_* takes the
 // active level's table once (kernels()) and hands it to every task, so that one call runs at one
 // level even when another thread switches the level (set_active_isa) while it runs.
 #include "metalora/combine.hpp"
@@ -10,11 +10,8 @@
 #include <mutex>
 #include <vector>
 
+#include "../common/pool.hpp"
 #include "metalora/combine_kernels.hpp"
-
-#if defined(_OPENMP)
-#include <omp.h>
-#endif
 
 namespace metalora::combine {
 
