@@ -237,7 +237,8 @@ def combine(A: Sequence[ArrayLike], B: Sequence[ArrayLike], weights: Sequence[fl
     out_dtype : {"float32", "float16", "bfloat16"}
         dtype of the returned factors (computation is float32, Gram/SVD steps float64).
     threads : int
-        OpenMP threads; 0 means all cores.
+        Threads of the native kernels; 0 means all cores. A call uses fewer when other
+        processes keep cores busy (the task pool's cap; ``METALORA_NO_BUSY_CHECK=1`` lifts it).
     log : bool
         If true, also return a dict with ``mode``, ``rank``, ``used`` (indices of the adapters
         read) and, for ``svd``, ``singular_values`` of the exact update and ``energy``, the kept
