@@ -60,12 +60,12 @@ def busy_core():
 
 
 def ratio(fn, rounds: int = ROUNDS) -> dict:
-    """Median seconds of fn(1) and fn(2), alternated, and their ratio."""
+    """Median seconds of fn(1) and fn(2), interleaved, and their ratio."""
     fn(1)
     fn(2)
     t1, t2 = [], []
-    for _ in range(rounds):
-        for threads, acc in ((1, t1), (2, t2)):
+    for k in range(rounds):  # the order alternates too: no bias for whichever runs second
+        for threads, acc in ((1, t1), (2, t2)) if k % 2 == 0 else ((2, t2), (1, t1)):
             t = time.perf_counter()
             fn(threads)
             acc.append(time.perf_counter() - t)
