@@ -280,3 +280,31 @@ def test_n_threads_really_ran_on_n_threads():
     metalora.cost_matrix(X, X, threads=N)
     s = _core.pool_stats()
     assert s["calls"] >= 1 and s["last_threads"] == min(N, CPUS)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_fork_while_another_thread_uses_the_pool():
+    # the child must not inherit a pool (or busy-check) lock held by a thread that is gone
+    code = ("import os, sys, threading\n"
+            "from metalora import _core\n"
+            "stop = False\n"
+            "def spin():\n"
+            "    while not stop:\n"
+            "        _core._pool_probe(64, 0)\n"
+            "t = threading.Thread(target=spin); t.start()\n"
+            "bad = 0\n"
+            "for _ in range(20):\n"
+            "    pid = os.fork()\n"
+            "    if pid == 0:\n"
+            "        ok = _core._pool_probe(64, 0)['ran'] == [1] * 64\n"
+            "        os._exit(0 if ok else 3)\n"
+            "    _, st = os.waitpid(pid, 0)\n"
+            "    bad += os.waitstatus_to_exitcode(st) != 0\n"
+            "stop = True; t.join()\n"
+            "sys.exit(bad)\n")
+    for check in ("1", "0"):  # with and without the busy check (its own lock)
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path),
+               "METALORA_NO_BUSY_CHECK": check}
+        proc = subprocess.run([sys.executable, "-c", code], env=env, timeout=120,
+                              capture_output=True, check=False)
+        assert proc.returncode == 0, proc.stderr.decode()[-2000:]

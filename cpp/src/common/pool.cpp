@@ -12,6 +12,7 @@
 #include <exception>
 #include <memory>
 #include <mutex>
+#include <new>
 #include <thread>
 #include <vector>
 
@@ -147,24 +148,6 @@ class Pool {
   }
 };
 
-// Never destroyed: detached helpers may still wait on its condition variable at exit. A child
-// process after fork() gets a fresh one (the parent's helpers do not exist there; the old pool's
-// mutex may even be held), installed by the atfork handler.
-std::atomic<Pool*> g_pool{nullptr};
-std::once_flag g_pool_once;
-
-void on_fork_child() { g_pool.store(new Pool, std::memory_order_release); }
-
-Pool& pool() {
-  std::call_once(g_pool_once, [] {
-    g_pool.store(new Pool, std::memory_order_release);
-#if defined(__linux__)
-    pthread_atfork(nullptr, nullptr, &on_fork_child);
-#endif
-  });
-  return *g_pool.load(std::memory_order_acquire);
-}
-
 bool env_flag(const char* name) {
   const char* v = std::getenv(name);
   return v && *v && std::strcmp(v, "0") != 0;
@@ -232,6 +215,32 @@ BusyCheck& busy() {
   return *b;
 }
 
+// Never destroyed: detached helpers may still wait on its condition variable at exit. A child
+// process after fork() gets a fresh one (the parent's helpers do not exist there; the old pool's
+// mutex may even be held), installed by the atfork handler.
+std::atomic<Pool*> g_pool{nullptr};
+std::once_flag g_pool_once;
+
+// In the child, only the forking thread exists: the parent's helpers are gone and a mutex another
+// thread held at the fork stays locked. Fresh pool; fresh busy check in place (its storage is
+// never freed); the counters of running helpers restart at zero.
+void on_fork_child() {
+  g_pool.store(new Pool, std::memory_order_release);
+  ::new (static_cast<void*>(&busy())) BusyCheck;
+  g_awake.store(0, std::memory_order_relaxed);
+  tl_in_task = false;
+}
+
+Pool& pool() {
+  std::call_once(g_pool_once, [] {
+    g_pool.store(new Pool, std::memory_order_release);
+#if defined(__linux__)
+    pthread_atfork(nullptr, nullptr, &on_fork_child);
+#endif
+  });
+  return *g_pool.load(std::memory_order_acquire);
+}
+
 int current_cap(int ncpu) { return env_flag("METALORA_NO_BUSY_CHECK") ? ncpu : busy().cap(ncpu); }
 
 }  // namespace
@@ -255,6 +264,7 @@ int resolve(int threads) {
 }
 
 int plan(std::size_t n, int threads) {
+  pool();  // created (and its fork handler installed) before the busy check is first used
   int nt = resolve(threads);
   if (static_cast<std::size_t>(nt) > n) nt = static_cast<int>(std::max<std::size_t>(n, 1));
   if (nt > 1) nt = std::min(nt, current_cap(cpus()));
