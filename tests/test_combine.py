@@ -359,3 +359,82 @@ def test_many_modules_one_and_two_threads_are_bit_identical(mode):
     for name in modules:
         np.testing.assert_array_equal(one[name][0], two[name][0])
         np.testing.assert_array_equal(one[name][1], two[name][1])
+
+
+# ------------------------------------------------------------------------------------------------
+# combine_modules(mode="linear"): the native fast path (one C++ call for every module) must give
+# the bits and the errors of the general path (combine() per module, which never takes it).
+
+
+def linear_modules(rng, dtype, K=5, ranks=4):
+    shapes = {"q": (67, 131), "k": (29, 131), "up": (1, 7), "down": (131, 67)}
+    mods = {}
+    for name, (o, i) in shapes.items():
+        mods[name] = ([make(rng, (ranks, i), dtype)[0] for _ in range(K)],
+                      [make(rng, (o, ranks), dtype)[0] for _ in range(K)])
+    return mods
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("per_module_scalings", [False, True])
+def test_linear_fast_path_matches_the_general_path(isa, dtype, per_module_scalings, monkeypatch):
+    rng = np.random.default_rng(21)
+    mods = linear_modules(rng, dtype)
+    w = np.array([0.7, 0.0, -1.2, 0.3, 2.0])
+    scal = ({n: rng.uniform(0.5, 2.0, 5) for n in mods} if per_module_scalings
+            else rng.uniform(0.5, 2.0, 5))
+    ref = {n: metalora.combine(*mods[n], w, mode="linear",
+                               scalings=scal[n] if per_module_scalings else scal) for n in mods}
+    # the fast path never builds the per-module specs of the general one
+    from metalora import _core
+    monkeypatch.setattr(_core, "combine_op", lambda *a, **k: pytest.fail("general path taken"))
+    for threads in (1, 2):
+        out, info = metalora.combine_modules(mods, w, scalings=scal, mode="linear",
+                                             threads=threads, log=True)
+        assert list(out) == list(mods)
+        for n in mods:
+            np.testing.assert_array_equal(out[n][0], ref[n][0])
+            np.testing.assert_array_equal(out[n][1], ref[n][1])
+            assert info[n] == {"mode": "linear", "rank": 4, "used": [0, 2, 3, 4]}
+
+
+@pytest.mark.parametrize("where", ["A", "B"])
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_linear_fast_path_names_the_non_finite_adapter(where, bad, dtype):
+    mods = linear_modules(np.random.default_rng(2), dtype)
+    pair = mods["k"][0 if where == "A" else 1]
+    pair[3] = pair[3].copy()
+    pair[3][0, 0] = bad
+    with pytest.raises(ValueError, match=rf"module 'k': adapter 3: {where} contains NaN or Inf"):
+        metalora.combine_modules(mods, [1.0, 0.5, 0.0, 0.25, 1.0], mode="linear")
+    # a zero weight: the bad adapter is not read
+    out = metalora.combine_modules(mods, [1.0, 0.5, 0.0, 0.0, 1.0], mode="linear")
+    assert all(np.isfinite(a).all() and np.isfinite(b).all() for a, b in out.values())
+
+
+def test_linear_fast_path_reports_an_overflow():
+    mods = {"q": ([np.full((2, 9), 3e38, np.float32)] * 2, [np.ones((5, 2), np.float32)] * 2)}
+    with pytest.raises(OverflowError, match=r"module 'q': the combination overflows float32"):
+        metalora.combine_modules(mods, [1.0, 1.0], mode="linear")
+
+
+def test_linear_falls_back_for_inputs_it_must_convert_or_refuse():
+    rng = np.random.default_rng(4)
+    mods = linear_modules(rng, "float32", K=3)
+    w = [0.5, 0.25, 1.0]
+    ref = metalora.combine_modules(mods, w, mode="linear")
+    # a float64 factor and a strided view are converted once by the general path: same result
+    mixed = dict(mods)
+    A, B = mods["q"]
+    mixed["q"] = ([A[0].astype(np.float64), np.asfortranarray(A[1]), A[2]], B)
+    out = metalora.combine_modules(mixed, w, mode="linear")
+    for n in mods:
+        np.testing.assert_array_equal(out[n][0], ref[n][0])
+    with pytest.raises(ValueError, match=r"module 'k': got 2 A factors, 3 B factors and 3 weights"):
+        metalora.combine_modules({**mods, "k": (mods["k"][0][:2], mods["k"][1])}, w, mode="linear")
+    with pytest.raises(ValueError, match=r"module 'q': mode='linear' needs equal ranks"):
+        metalora.combine_modules({**mods, "q": ([A[0][:2].copy(), A[1], A[2]],
+                                                [B[0][:, :2].copy(), B[1], B[2]])}, w, mode="linear")
+    with pytest.raises(ValueError, match=r"module 'q': no scalings given for it"):
+        metalora.combine_modules(mods, w, mode="linear", scalings={"k": [1, 1, 1]})

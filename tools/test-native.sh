@@ -42,8 +42,8 @@ mkdir -p "$BUILD_DIR"
 rm -f "$BUILD_DIR"/native/*.log "$BUILD_DIR"/aarch64/*.log
 
 # Same floating-point settings as CMakeLists.txt: no contraction (the serial level is a plain
-# two-rounding reference), no fast-math. No OpenMP: the kernels are single-threaded and the
-# drivers' pragmas are ignored (-Wno-unknown-pragmas).
+# two-rounding reference), no fast-math. The drivers run on the task pool (cpp/src/common/pool.cpp,
+# std::thread: linked with -pthread).
 COMMON=(-std=c++17 -O2 -ffp-contract=off -fno-math-errno -Icpp/include -Wall -Wextra -Wno-unknown-pragmas)
 SANFLAGS=()
 if [ -n "${SANITIZE:-}" ]; then
@@ -75,10 +75,11 @@ build_run() {
     neon) defs=(-DMETALORA_HAVE_NEON) ;;
   esac
   compile "$cxx" "$out/isa.o" cpp/src/common/isa.cpp "${defs[@]}" "${base[@]}"
+  compile "$cxx" "$out/pool.o" cpp/src/common/pool.cpp "${defs[@]}" "${base[@]}" -pthread
   local fam name tsrc ksrc
   for fam in "${FAMILIES[@]}"; do
     read -r name tsrc ksrc <<<"$fam"
-    local o="$out/$name" objs=("$out/isa.o")
+    local o="$out/$name" objs=("$out/isa.o" "$out/pool.o")
     mkdir -p "$o"
     case "$simd" in
       x86)
@@ -92,12 +93,11 @@ build_run() {
         objs+=("$o/kernels_neon.o") ;;
     esac
     compile "$cxx" "$o/kernels_serial.o" "$ksrc/kernels_serial.cpp" "${defs[@]}" "${base[@]}"
-    # Without OpenMP the drivers' thread-count parameters and task counts go unused.
-    compile "$cxx" "$o/driver.o" "$ksrc/driver.cpp" "${defs[@]}" "${base[@]}" -Wno-unused-parameter -Wno-unused-variable
+    compile "$cxx" "$o/driver.o" "$ksrc/driver.cpp" "${defs[@]}" "${base[@]}" -pthread
     compile "$cxx" "$o/test.o" "$tsrc" "${defs[@]}" "${base[@]}"
     objs+=("$o/kernels_serial.o" "$o/driver.o" "$o/test.o")
     # shellcheck disable=SC2086
-    "$cxx" $ldflags "${SANFLAGS[@]}" "${objs[@]}" -o "$out/test_$name"
+    "$cxx" $ldflags "${SANFLAGS[@]}" "${objs[@]}" -pthread -o "$out/test_$name"
     echo "== $label, $name kernels: $out/test_$name"
     local log="$out/$name.log" t0 t1
     t0=$(date +%s%N)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # AddressSanitizer + UndefinedBehaviorSanitizer job (issue 16): the C++ kernel tests
 # (tools/test-native.sh, native levels) and the Python kernel/binding tests (tests/test_bindings.py,
-# tests/test_combine.py, tests/test_distances_*.py) against an extension built with
+# tests/test_combine.py, tests/test_pool.py, tests/test_distances_*.py) against an extension built with
 # -fsanitize=address,undefined in its own build directory (build/asan), loaded from a staging copy
 # of python/ so that the regular build is untouched. libasan is LD_PRELOADed (Python itself is not
 # instrumented); leak detection is off (CPython's allocator "leaks" by design), a failed huge
@@ -40,7 +40,7 @@ LIBASAN="$(${CXX:-g++} -print-file-name=libasan.so) $(${CXX:-g++} -print-file-na
 # shellcheck disable=SC2046
 LD_PRELOAD="$LIBASAN" ASAN_OPTIONS=detect_leaks=0:abort_on_error=1:allocator_may_return_null=1 \
   UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 PYTHONPATH="$STAGE" \
-  "$PY" -m pytest -q -p no:cacheprovider tests/test_bindings.py tests/test_combine.py \
+  "$PY" -m pytest -q -p no:cacheprovider tests/test_bindings.py tests/test_combine.py tests/test_pool.py \
   $(ls tests/test_distances_*.py) -x -k "not exception_inside_a_parallel_region"
 # (that test caps the address space with RLIMIT_AS to make a kernel's allocation fail; under ASan
 # the failed mmap of its own allocator aborts the process whatever allocator_may_return_null says,

@@ -9,7 +9,8 @@ Data flow, one module each::
     adapter / bank                            PEFT adapters on disk, read and written
     generate                                  all of the above, end to end
 
-The native kernels live in ``metalora._core`` (SIMD with run-time dispatch, OpenMP).
+The native kernels live in ``metalora._core`` (SIMD with run-time dispatch, run on a
+task pool capped by the idle cores).
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 The level is one setting of the whole process. Each native call (one Sinkhorn solve, one cost
 matrix, one combination step over all modules) takes it once when it starts and keeps it to the
-end, its OpenMP threads included, so a switch from another thread never mixes levels inside a
+end, its pool threads included, so a switch from another thread never mixes levels inside a
 call; it applies from the next call.
 """
 
@@ -29,7 +29,8 @@ def capabilities() -> dict:
     dict
         ``compiled``: levels whose kernels are in this binary; ``available``: those this CPU
         and OS support; ``active``: the level the kernels use now; ``default``: the level chosen
-        at load time without ``METALORA_ISA``; ``openmp``: whether the build has OpenMP;
+        at load time without ``METALORA_ISA``; ``openmp``: whether the build links OpenMP
+        (the kernels no longer use it: they run on metalora's own task pool);
         ``threads``: the number of threads ``threads=0`` means.
     """
     caps = dict(_core.capabilities())
@@ -87,7 +88,7 @@ def one_blas_thread():
 
     For the many small dense problems metalora hands to numpy (R x R Gram roots and
     eigen-decompositions, per-pair Gaussian statistics), run from several threads of its own:
-    OpenBLAS's threads gain nothing there and, on busy cores or right after the OpenMP kernels,
+    OpenBLAS's threads gain nothing there and, on busy cores or right after the native kernels,
     cost 3-25x (measured on 2 cores: a stack of 32 eigh(128 x 128) took 0.16-0.18 s on one
     thread and 0.5-4.3 s threaded).
     """

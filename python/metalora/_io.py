@@ -169,8 +169,8 @@ def available_cpus() -> int:
 
 def check_threads(threads: Any) -> int:
     """``threads`` as an int: 0 (all cores) or a positive count, **clamped to the CPUs this
-    process may use** (:func:`available_cpus`). More OpenMP threads than cores never makes these
-    kernels faster, and thousands of them exhaust memory or abort inside the OpenMP runtime, so
+    process may use** (:func:`available_cpus`). More threads than cores never makes these
+    kernels faster, and thousands of them would only exhaust memory, so
     ``threads=100000`` (or ``2**31``) runs on every core instead. Anything that is not a
     non-negative integer is a ValueError."""
     if isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or threads < 0:

@@ -385,7 +385,8 @@ def combine_adapters(bank_or_adapters, weights, *, mode: str = "svd", rank: Opti
         weights are used as given (not renormalised).
     out_dtype : {"float32", "float16", "bfloat16"}
     threads : int
-        OpenMP threads, 0 = all cores.
+        Threads of the native kernels, 0 = all cores (the task pool uses fewer when other
+        processes keep cores busy).
     provenance : mapping, optional
         Extra provenance (e.g. ``{"distance": "sinkhorn", "operator": "softmin"}``), stored with
         the bank ids, weights, mode and rank in ``adapter.provenance``.

@@ -36,7 +36,8 @@ def _cmd_info(args: argparse.Namespace) -> int:
         print(f"  {key:10s} {', '.join(caps[key])}")
     print(f"  {'active':10s} {caps['active']} (default {caps['default']}; force a lower one with "
           f"METALORA_ISA=serial|avx2|avx512|neon)")
-    print(f"  {'threads':10s} {caps['threads']} (OpenMP {'on' if caps['openmp'] else 'off'})")
+    print(f"  {'threads':10s} {caps['threads']} (task pool; per call at most the cores other "
+          f"processes leave idle, unless METALORA_NO_BUSY_CHECK=1)")
     return 0
 
 

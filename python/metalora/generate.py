@@ -113,7 +113,7 @@ def generate(dataset: Union[str, Path, Dataset], bank: Union[str, Path, Bank], *
         cache, the seeded subsample of ``n`` examples per signature, for the dataset and the
         bank's datasets alike (default :data:`metalora.signatures.DEFAULT_N`, what every
         command uses and what a bank's shipped index is made with; ``None``: every example),
-        OpenMP threads, extra metric options.
+        threads of the native kernels, extra metric options.
     refine : RefineOptions, mapping or model path, optional
         Weigh the bank's adapters on the dataset's own examples with forward passes of the base
         model (:mod:`metalora.refine`; needs ``pip install 'metalora[refine]'``): a seeded part

@@ -1,5 +1,5 @@
-// The combination driver: whole-module operations over many modules at once, parallel with
-// OpenMP over (module, range) tasks. Work is cut at boundaries that do not depend on the
+// The combination driver: whole-module operations over many modules at once, parallel on
+// the task pool over (module, range) tasks. Work is cut at boundaries that do not depend on the
 // thread count, and every reduction runs in a fixed order, so 1 and N threads give the same
 // bits. Callers validate shapes and dtypes; these functions trust them.
 #pragma once
@@ -37,6 +37,8 @@ struct Job {
 
 // A_out = sum_j wa_j A_j and B_out = sum_j cb_j B_j (equal ranks).
 void run_linear(std::vector<Job>& jobs, int threads);
+// The same, and (*nonfinite)[i] = 1 when module i's outputs hold a NaN or an infinity.
+void run_linear_checked(std::vector<Job>& jobs, int threads, std::vector<unsigned char>* nonfinite);
 // A_out = [A_1; ...; A_K] and B_out = [cb_1 B_1, ..., cb_K B_K].
 void run_cat(std::vector<Job>& jobs, int threads);
 // GA = A_cat A_cat^T and GB = B_cat^T B_cat in float64, B_cat = [cb_j B_j].

@@ -1,20 +1,19 @@
-// OpenMP driver of the combination kernels (see metalora/combine.hpp). Each run_* takes the
+// Driver of the combination kernels (parallel on the task pool, common/pool.hpp) (see metalora/combine.hpp). Each run_* takes the
 // active level's table once (kernels()) and hands it to every task, so that one call runs at one
 // level even when another thread switches the level (set_active_isa) while it runs.
 #include "metalora/combine.hpp"
 
 #include <algorithm>
 #include <atomic>
+#include <cstdint>
 #include <cstring>
+#include <memory>
 #include <exception>
 #include <mutex>
 #include <vector>
 
+#include "../common/pool.hpp"
 #include "metalora/combine_kernels.hpp"
-
-#if defined(_OPENMP)
-#include <omp.h>
-#endif
 
 namespace metalora::combine {
 
@@ -108,7 +107,21 @@ void finish_gram(const double* G, std::size_t Rp, std::size_t R, double* out) {
 }  // namespace
 
 
-void run_linear(std::vector<Job>& jobs, int threads) {
+// True when x[0:n] holds a NaN or an infinity (exponent bits all ones): a bit test that the
+// compiler vectorises at the baseline instruction set.
+bool any_nonfinite(const float* x, std::size_t n) {
+  unsigned bad = 0;
+  for (std::size_t i = 0; i < n; ++i) {
+    std::uint32_t b;
+    std::memcpy(&b, x + i, 4);
+    bad |= (b & 0x7f800000u) == 0x7f800000u;
+  }
+  return bad != 0;
+}
+
+void run_linear(std::vector<Job>& jobs, int threads) { run_linear_checked(jobs, threads, nullptr); }
+
+void run_linear_checked(std::vector<Job>& jobs, int threads, std::vector<unsigned char>* nonfinite) {
   const Kernels& k = kernels();
   std::vector<Task> tasks;
   for (std::size_t i = 0; i < jobs.size(); ++i) {
@@ -116,6 +129,11 @@ void run_linear(std::vector<Job>& jobs, int threads) {
     const std::size_t r = j.r.empty() ? 0 : j.r[0];
     split(tasks, i, 0, r * j.in, kLinearChunk);
     split(tasks, i, 1, j.out * r, kLinearChunk);
+  }
+  std::unique_ptr<std::atomic<unsigned char>[]> bad;
+  if (nonfinite) {
+    bad.reset(new std::atomic<unsigned char>[jobs.size()]);
+    for (std::size_t i = 0; i < jobs.size(); ++i) bad[i].store(0, std::memory_order_relaxed);
   }
   parallel_tasks(tasks, resolve_threads(threads), [&](const Task& t) {
     const Job& j = jobs[t.job];
@@ -126,7 +144,13 @@ void run_linear(std::vector<Job>& jobs, int threads) {
     if (t.side == 1) coef.assign(j.cb.begin(), j.cb.end());
     float* out = (t.side == 0 ? j.A_out : j.B_out) + t.begin;
     k.rowmix(s.data(), s.size(), coef.data(), 1, t.end - t.begin, out, 0);
+    // The block is still in cache: check it for NaN/Inf here rather than in a second pass.
+    if (bad && any_nonfinite(out, t.end - t.begin)) bad[t.job].store(1, std::memory_order_relaxed);
   });
+  if (nonfinite) {
+    nonfinite->assign(jobs.size(), 0);
+    for (std::size_t i = 0; i < jobs.size(); ++i) (*nonfinite)[i] = bad[i].load(std::memory_order_relaxed);
+  }
 }
 
 void run_cat(std::vector<Job>& jobs, int threads) {

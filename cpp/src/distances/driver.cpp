@@ -1,4 +1,4 @@
-// OpenMP driver of the distance kernels (see metalora/distances.hpp).
+// Driver of the distance kernels (parallel on the task pool, common/pool.hpp) (see metalora/distances.hpp).
 #include "metalora/distances.hpp"
 
 #include <algorithm>
@@ -16,11 +16,8 @@
 #include <numeric>
 #include <vector>
 
+#include "../common/pool.hpp"
 #include "metalora/distance_kernels.hpp"
-
-#if defined(_OPENMP)
-#include <omp.h>
-#endif
 
 namespace metalora::distances {
 
@@ -42,41 +39,17 @@ constexpr std::size_t kDirectDim = 8;
 std::size_t padded(std::size_t m) { return (m + kPad - 1) / kPad * kPad; }
 std::size_t ceil_div(std::size_t a, std::size_t b) { return (a + b - 1) / b; }
 
-// Phases that run one after another inside a single parallel region (a fork costs more than a
-// short phase on busy cores): phase 0 (packing) is split statically, the others dynamically.
-// Every thread meets the same work-sharing loops in the same order (after a task has thrown, the
-// remaining ones are skipped but the loops still run, and the exception is rethrown after the
-// region). Serial when !parallel.
+// Phases that run one after another, each one parallel_for over its tasks (serial when
+// !parallel). On the pool a phase costs one wake-up of the helpers that are asleep, not a fork.
 struct Phase {
   long n;
   std::function<void(long)> fn;
 };
 
 void run_phases(bool parallel, int threads, const std::vector<Phase>& phases) {
-#if defined(_OPENMP)
-  if (parallel && threads > 1) {
-    TaskErrors errors;
-#pragma omp parallel num_threads(threads)
-    {
-      for (std::size_t k = 0; k < phases.size(); ++k) {
-        const Phase& ph = phases[k];
-        if (k == 0) {
-#pragma omp for schedule(static)
-          for (long t = 0; t < ph.n; ++t) errors.run([&] { ph.fn(t); });
-        } else {
-#pragma omp for schedule(dynamic, 1)
-          for (long t = 0; t < ph.n; ++t) errors.run([&] { ph.fn(t); });
-        }
-      }
-    }
-    errors.rethrow();
-    return;
-  }
-#endif
-  (void)parallel;
-  (void)threads;
   for (const Phase& ph : phases)
-    for (long t = 0; t < ph.n; ++t) ph.fn(t);
+    parallel_for(static_cast<std::size_t>(ph.n), parallel ? threads : 1,
+                 [&](std::size_t t) { ph.fn(static_cast<long>(t)); });
 }
 
 // The float32 or float64 half of a level's table. Each public entry point takes the active
@@ -338,11 +311,10 @@ struct Softmin {
     out.resize(rows);
     const std::size_t ntasks = ceil_div(rows, kSoftminRows);
     if (threads > 1 && ntasks > 1) {
-      // Static: each thread keeps the same rows of C (in its cache) from one pass to the next.
       parallel_for(ntasks, threads, [&](std::size_t t) {
         const std::size_t r0 = t * kSoftminRows, r1 = std::min(rows, r0 + kSoftminRows);
         k.softmin(C + r0 * ld, ld, r1 - r0, cols, h.data(), inv, eps, out.data() + r0);
-      }, Schedule::kStatic);
+      });
       return;
     }
     k.softmin(C, ld, rows, cols, h.data(), inv, eps, out.data());

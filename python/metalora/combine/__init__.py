@@ -34,9 +34,10 @@ from typing import Mapping, Optional, Sequence, Union
 
 import numpy as np
 
-from .._arrays import OUT_DTYPES, all_finite, as_kernel_array, to_out_dtype
+from .. import _core
+from .._arrays import BFLOAT16, OUT_DTYPES, all_finite, as_kernel_array, to_out_dtype
 from .._io import check_threads, positive_int
-from .modes import MODES, Mode, ModuleJob, get_mode, register
+from .modes import MODES, Mode, ModuleJob, _run_linear, get_mode, register
 
 __all__ = ["combine", "combine_modules", "check_options", "estimate_bytes", "available_memory", "MODES", "Mode", "register", "get_mode"]
 
@@ -236,7 +237,8 @@ def combine(A: Sequence[ArrayLike], B: Sequence[ArrayLike], weights: Sequence[fl
     out_dtype : {"float32", "float16", "bfloat16"}
         dtype of the returned factors (computation is float32, Gram/SVD steps float64).
     threads : int
-        OpenMP threads; 0 means all cores.
+        Threads of the native kernels; 0 means all cores. A call uses fewer when other
+        processes keep cores busy (the task pool's cap; ``METALORA_NO_BUSY_CHECK=1`` lifts it).
     log : bool
         If true, also return a dict with ``mode``, ``rank``, ``used`` (indices of the adapters
         read) and, for ``svd``, ``singular_values`` of the exact update and ``energy``, the kept
@@ -314,6 +316,10 @@ def combine_modules(modules: Mapping[str, tuple], weights: Sequence[float], *,
     if K == 0:
         raise ValueError("no adapters given: weights is empty")
     w = _floats(weights, K, "weights")
+    if m.run is _run_linear:
+        fast = _linear_fast(modules, w, scalings, m, out_dtype, check_threads(threads), log)
+        if fast is not None:
+            return fast
     jobs = []
     for name, pair in modules.items():
         if not isinstance(pair, (tuple, list)) or len(pair) != 2:
@@ -330,4 +336,45 @@ def combine_modules(modules: Mapping[str, tuple], weights: Sequence[float], *,
                        to_out_dtype(j.out["B"], out_dtype, f"{j.name}: B_new")) for j in jobs}
     if log:
         return result, {j.name: _info(j, m) for j in jobs}
+    return result
+
+
+def _linear_fast(modules: Mapping[str, tuple], w: np.ndarray, scalings: Scalings, m: Mode,
+                 out_dtype: str, threads: int, log: bool):
+    """combine_modules for the built-in ``linear`` mode in one native call: the per-module loop,
+    the checks of the factors (2-D, C-contiguous, a kernel dtype, consistent shapes) and the
+    NaN/Inf check of the outputs (inside the kernel, on blocks still in cache) run in C++.
+    Returns None, having computed nothing, whenever an input is not of that form or a check
+    would raise: the general path then does the work and words every error as before."""
+    K = len(w)
+    used = [j for j in range(K) if w[j] != 0.0]
+    if not used:
+        return None
+    names = list(modules)
+    wu = w[used]
+    try:
+        if isinstance(scalings, Mapping):
+            cb = [list(wu * _floats(scalings[n], K, "")[used]) for n in names]
+        else:
+            s = np.ones(K) if scalings is None else _floats(scalings, K, "scalings")
+            cb = list(wu * s[used])
+    except (KeyError, TypeError, ValueError):
+        return None
+    got = _core.combine_linear_modules([modules[n] for n in names], K, used, list(wu), cb,
+                                       BFLOAT16, threads, 2**28)
+    if got is None:
+        return None
+    outs, bad = got
+    for i in bad:  # name the adapter whose factors hold NaN/Inf, or report the overflow
+        name = names[i]
+        s_i = (_floats(scalings[name], K, f"scalings[{name!r}]") if isinstance(scalings, Mapping)
+               else np.ones(K) if scalings is None else _floats(scalings, K, "scalings"))
+        job = _prepare(name, modules[name][0], modules[name][1], w, s_i, m, None)
+        job.out = {"A": outs[i][0], "B": outs[i][1]}
+        check_finite_outputs(job)
+    result = {n: (to_out_dtype(a, out_dtype, f"{n}: A_new"), to_out_dtype(b, out_dtype, f"{n}: B_new"))
+              for n, (a, b) in zip(names, outs)}
+    if log:
+        return result, {n: {"mode": m.name, "rank": int(a.shape[0]), "used": list(used)}
+                        for n, (a, _) in zip(names, outs)}
     return result
