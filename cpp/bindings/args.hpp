@@ -33,7 +33,7 @@ namespace py = pybind11;
 using Keep = std::vector<py::object>;
 
 // More threads than this is refused: far above the core count of any machine this runs on, and
-// far below the point where creating the OpenMP team fails and takes the process down.
+// far below the point where starting that many threads fails and takes the process down.
 constexpr int kMaxThreads = 1024;
 
 inline std::string type_name(py::handle o) {

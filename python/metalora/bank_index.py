@@ -124,7 +124,7 @@ class Executor(ABC):
 
 class LocalExecutor(Executor):
     """This process: signatures one dataset after the other with the embedder's own threads,
-    row blocks in order with ``threads`` OpenMP threads (what ``metalora bank index`` does
+    row blocks in order with ``threads`` kernel threads (what ``metalora bank index`` does
     without ``--ray``)."""
 
     name = "local"
@@ -788,7 +788,7 @@ def index_bank(bank: Bank, *, distance: str = "sinkhorn", tokenizer=None, embedd
     embedder, n, seed, cache : optional
         As for :func:`bank_signatures`.
     threads : int
-        OpenMP threads of the local distance computations (0: all).
+        Kernel threads of the local distance computations (0: all cores).
     gram : bool
         Also compute and store :math:`G` (here: it reads every adapter's weights).
     executor : Executor, optional

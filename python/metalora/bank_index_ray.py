@@ -239,7 +239,7 @@ class RayExecutor(Executor):
     def distance_blocks(self, sigs: Sequence[Any], metric: str, params: dict,
                         blocks: Sequence[tuple[int, int]], *, threads: int = 0,
                         progress: bool | None = None) -> list[np.ndarray]:
-        """Every row block as a Ray task (1 CPU, 1 OpenMP thread each: the pairs of a block are
+        """Every row block as a Ray task (1 CPU, 1 kernel thread each: the pairs of a block are
         computed exactly as locally, whatever the thread count), gathered in block order."""
         self.connect()
         task = ray.remote(_distance_task).options(num_cpus=1, max_retries=self.block_retries)

@@ -1,6 +1,6 @@
 // Kernels of the LoRA-combination family: one table per instruction-set level.
 //
-// Every function works on one contiguous range and is single-threaded; the OpenMP driver
+// Every function works on one contiguous range and is single-threaded; the driver
 // (cpp/src/combine/driver.cpp) splits work into ranges whose boundaries do not depend on the
 // thread count, so results are bit-identical for any number of threads.
 //

@@ -1,7 +1,7 @@
 // Kernels of the distance family: one table per instruction-set level, each with a float32 and
 // a float64 half.
 //
-// Every function works on a row range given by the caller and is single-threaded; the OpenMP
+// Every function works on a row range given by the caller and is single-threaded; the
 // driver (cpp/src/distances/driver.cpp) cuts the work into ranges whose boundaries do not depend
 // on the thread count, and every row is computed the same way in any range, so results are
 // bit-identical for any number of threads.

@@ -1,5 +1,5 @@
 // The distance driver: whole-problem operations (cost matrices, the Sinkhorn solver, sliced
-// Wasserstein, kernel sums) parallel with OpenMP over row ranges whose boundaries do not depend
+// Wasserstein, kernel sums) parallel on the task pool (common/pool.hpp) over row ranges whose boundaries do not depend
 // on the thread count, with every reduction in a fixed order, so 1 and N threads give the same
 // bits. Callers validate shapes, dtypes and values; these functions trust them.
 #pragma once
