@@ -209,6 +209,7 @@ def setting_section(name: str, results: Path, level: str = "##") -> tuple:
                              "difference vs `{}` {:+.3f} [{:+.3f}, {:+.3f}].".format(
                                  best["system"], *paired_difference(table, tasks, r["system"],
                                                                     best["system"])))
+        lines += retrieval_lines(table, tasks, best["system"], sub)
         searched = search_lines(table, tasks, results, {r["system"]: r for r in all_rows})
         if searched:
             lines += ["", "Forward-pass searches on 16 rows held out of each task's training split "
@@ -227,6 +228,35 @@ def setting_section(name: str, results: Path, level: str = "##") -> tuple:
                     coefs[r["task"]] = r["weights"]
         plot_heatmap(coefs, in_order, bank, best["system"], results / "coefficients_heatmap.png")
     return lines, {r["system"]: r for r in all_rows}, best
+
+
+REFERENCE_RIVALS = (DEFAULTS, "metalora+val:sinkhorn:normalized:svd", "metalora+refine:64",
+                    "lorahub")
+
+
+def retrieval_lines(table, tasks: List[str], best: str, sub: str) -> List[str]:
+    """The retrieval references (``oracle_single``, ``val_single``) against metalora's systems on
+    the tasks that have both references (the references may be measured on fewer tasks than the
+    rest, so every row here is over the same tasks): what choosing one adapter well reaches, and
+    how much composing adapters adds."""
+    ts = [t for t in tasks if "oracle_single" in table[t] and "val_single" in table[t]]
+    if not ts:
+        return []
+    systems = ["base", "val_single", "oracle_single",
+               *dict.fromkeys(s for s in (best, *REFERENCE_RIVALS)
+                              if all(s in table[t] for t in ts)),
+               "trained"]
+    out = [f"{sub} Retrieval references: one bank adapter chosen on the test or the validation "
+           f"split ({len(ts)} tasks that have both)", "",
+           markdown_table(aggregate(table, ts, systems)), ""]
+    pairs = [(s, ref) for ref in ("oracle_single", "val_single") for s in systems
+             if s not in ("base", "trained", "oracle_single", "val_single")]
+    pairs.append(("oracle_single", "val_single"))
+    out.append("- Paired Rouge-L differences on these tasks (mean, 95 % bootstrap interval): "
+               + "; ".join(
+        "`{}` − `{}` {:+.3f} [{:+.3f}, {:+.3f}]".format(a, b, *paired_difference(table, ts, a, b))
+        for a, b in pairs) + ".")
+    return out + [""]
 
 
 def search_lines(table, tasks: List[str], results: Path, rows: Dict[str, dict]) -> List[str]:
