@@ -570,13 +570,9 @@ class BankIndex:
         if callable(pairs_per_block):
             pairs_per_block = pairs_per_block(K, spec.symmetric)
         blocks = row_blocks(K, spec.symmetric, pairs_per_block)
-        if compute_blocks is None:
-            with Progress(len(blocks), f"metalora bank distances ({metric})", "block",
-                          (K >= 40) if progress is None else progress) as bar:
-                parts = []
-                for b in blocks:
-                    parts.append(distance_block(sigs, metric, params, b, threads=threads))
-                    bar.update()
+        if compute_blocks is None:  # here, in order: what the local executor does
+            parts = LocalExecutor().distance_blocks(sigs, metric, params, blocks,
+                                                    threads=threads, progress=progress)
         else:
             parts = list(compute_blocks(sigs, metric, params, blocks))
         D = assemble_blocks(K, list(zip(blocks, parts)), spec.symmetric)
